@@ -1,0 +1,1 @@
+//! quiver bench fabric (being written)

@@ -1,0 +1,1 @@
+//! The gRPC control plane (MDS): topology, volumes, heartbeats, scheduling. (Not yet written.)

@@ -1,0 +1,18 @@
+//! Quiver's transport: active messages and RPC between workers, over verbs RDMA
+//! or TCP, on buffers from one registered memory arena.
+//!
+//! Layers, bottom up:
+//! - [`arena`] (its own crate): the memory every payload lives in.
+//! - [`wire`]: the frame format, rkyv-archived and validated on receipt.
+//! - [`proto`]: one connection's protocol (framing, credits, eager/rendezvous,
+//!   RPC matching) as a sans-IO state machine.
+//! - [`worker`]: the progress engine that drives connections over a transport
+//!   backend (TCP today), runs handlers, and polls adaptively.
+//!
+//! The fabric knows nothing of Raft, chunks or volumes: it moves messages.
+
+pub use quiver_arena as arena;
+
+pub mod proto;
+mod slab;
+pub mod wire;
