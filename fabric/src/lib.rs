@@ -13,6 +13,15 @@
 
 pub use quiver_arena as arena;
 
+pub mod echo;
 pub mod proto;
 mod slab;
 pub mod wire;
+pub mod worker;
+
+pub use proto::{
+    AmData, AmMessage, ConnConfig, Payload, RpcError, RpcId, RpcReply, SendError, SendId,
+};
+pub use worker::{
+    AmContext, AmHandler, Completion, EndpointId, Worker, WorkerConfig, WorkerError, WorkerWaker,
+};

@@ -199,6 +199,11 @@ impl RndvDesc {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The sender's id for this rendezvous.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
 }
 
 /// The data of an active message as a handler sees it.
@@ -1105,6 +1110,14 @@ impl Connection {
         self.queue_cts(seq, key, 0);
     }
 
+    /// Declines the rendezvous `seq` (from [`RndvDesc::seq`]) whose descriptor the
+    /// handler dropped without pulling.
+    pub fn reject_seq(&mut self, seq: u64) {
+        if !self.is_closed() {
+            self.queue_cts(seq, 0, flags::CTS_DISCARD);
+        }
+    }
+
     /// Declines a rendezvous message; its sender sees [`SendError::Rejected`].
     pub fn reject(&mut self, desc: RndvDesc) {
         if !self.is_closed() {
@@ -1196,6 +1209,11 @@ impl Connection {
             self.frame_handled();
         }
         Some(event)
+    }
+
+    /// Whether events wait for the driver.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     fn push_event(&mut self, event: Event) {

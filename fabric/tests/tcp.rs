@@ -1,0 +1,327 @@
+//! The worker over real TCP sockets on loopback: echo at eager and rendezvous
+//! sizes, timeouts, garbage and broken peers, idle CPU.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+use quiver_fabric::echo::{echo_handler, ACK, ACK_BYTES, ECHO, ECHO_AM_ID};
+use quiver_fabric::proto::CloseReason;
+use quiver_fabric::wire::{FrameHeader, FrameKind, Hello, HEADER_BYTES, HELLO_BYTES};
+use quiver_fabric::{Completion, Payload, RpcError, Worker, WorkerConfig};
+
+const SILENT_AM_ID: u16 = 2;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn arena() -> Arena {
+    Arena::new(&ArenaConfig {
+        classes: vec![
+            SizeClass {
+                buf_bytes: 4 << 10,
+                count: 256,
+            },
+            SizeClass {
+                buf_bytes: 64 << 10,
+                count: 64,
+            },
+            SizeClass {
+                buf_bytes: 1 << 20,
+                count: 16,
+            },
+        ],
+        huge_pages: false,
+    })
+    .unwrap()
+}
+
+/// A server worker on its own thread; stops and joins on drop.
+struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    waker: quiver_fabric::WorkerWaker,
+    thread: Option<JoinHandle<(quiver_fabric::worker::WorkerStats, Duration)>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_thread = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut worker = Worker::new(arena(), WorkerConfig::default()).unwrap();
+            worker.set_am_handler(ECHO_AM_ID, echo_handler());
+            // Never answers: for timeouts.
+            worker.set_am_handler(SILENT_AM_ID, Box::new(|_, _| {}));
+            let addr = worker.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+            tx.send((addr, worker.waker())).unwrap();
+            let cpu_start = thread_cpu_time();
+            worker.run(|| stop_thread.load(Ordering::Acquire));
+            (worker.stats(), thread_cpu_time() - cpu_start)
+        });
+        let (addr, waker) = rx.recv().unwrap();
+        Server {
+            addr,
+            stop,
+            waker,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the server; returns its stats and the CPU time its thread used.
+    fn stop(mut self) -> (quiver_fabric::worker::WorkerStats, Duration) {
+        self.stop.store(true, Ordering::Release);
+        self.waker.wake();
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            self.waker.wake();
+            let _ = t.join();
+        }
+    }
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn client() -> Worker {
+    Worker::new(arena(), WorkerConfig::default()).unwrap()
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+#[test]
+fn echo_round_trips_at_eager_and_rendezvous_sizes() {
+    let server = Server::start();
+    let mut worker = client();
+    let ep = worker.connect_wait(server.addr, TIMEOUT).unwrap();
+    for size in [0, 1, 64, 4096, 8000, 8192, 8193, 65536, 300_000, 1 << 20] {
+        let data = pattern(size);
+        let reply = worker
+            .rpc_call_wait(ep, ECHO_AM_ID, &[ECHO], Payload::Bytes(&data), TIMEOUT)
+            .unwrap_or_else(|e| panic!("size {size}: {e}"));
+        assert_eq!(&*reply.header, &[ECHO]);
+        assert!(*reply.payload == data[..], "size {size}: payload differs");
+        let ack = worker
+            .rpc_call_wait(ep, ECHO_AM_ID, &[ACK], Payload::Bytes(&data), TIMEOUT)
+            .unwrap();
+        assert_eq!(ack.payload.len(), ACK_BYTES);
+    }
+    let stats = worker.endpoint_stats(ep).unwrap();
+    assert!(
+        stats.eager_sent > 0 && stats.rendezvous_sent > 0,
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn many_outstanding_rpcs_all_complete() {
+    let server = Server::start();
+    let mut worker = client();
+    let ep = worker.connect_wait(server.addr, TIMEOUT).unwrap();
+    let data = pattern(100_000);
+    let mut outstanding = std::collections::HashSet::new();
+    for _ in 0..200 {
+        // More than the 64 credits at once: the rest park and re-drive.
+        let id = worker
+            .rpc_call(
+                ep,
+                ECHO_AM_ID,
+                &[ACK],
+                Payload::Bytes(&data[..1000]),
+                TIMEOUT,
+            )
+            .unwrap();
+        outstanding.insert(id);
+    }
+    for _ in 0..8 {
+        let id = worker
+            .rpc_call(ep, ECHO_AM_ID, &[ECHO], Payload::Bytes(&data), TIMEOUT)
+            .unwrap();
+        outstanding.insert(id);
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while !outstanding.is_empty() && Instant::now() < deadline {
+        worker.progress_until(Some(deadline), |w| w.has_completions());
+        while let Some(c) = worker.poll_completion() {
+            if let Completion::Rpc { id, result, .. } = c {
+                let reply = result.unwrap();
+                assert!(reply.payload.len() == ACK_BYTES || *reply.payload == data[..]);
+                assert!(outstanding.remove(&id));
+            }
+        }
+    }
+    assert!(
+        outstanding.is_empty(),
+        "{} RPCs never completed",
+        outstanding.len()
+    );
+    assert!(worker.endpoint_stats(ep).unwrap().parked > 0);
+}
+
+#[test]
+fn unanswered_rpcs_time_out() {
+    let server = Server::start();
+    let mut worker = client();
+    let ep = worker.connect_wait(server.addr, TIMEOUT).unwrap();
+    let result = worker.rpc_call_wait(
+        ep,
+        SILENT_AM_ID,
+        &[],
+        Payload::None,
+        Duration::from_millis(50),
+    );
+    assert_eq!(result.unwrap_err(), RpcError::Timeout);
+    // The connection is still good.
+    worker
+        .rpc_call_wait(ep, ECHO_AM_ID, &[ECHO], Payload::Bytes(b"ok"), TIMEOUT)
+        .unwrap();
+    // An AM id without a handler is a typed remote error.
+    let err = worker
+        .rpc_call_wait(ep, 77, &[], Payload::None, TIMEOUT)
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Remote(e) if e.code == quiver_fabric::worker::NO_HANDLER));
+}
+
+fn hello_bytes() -> Vec<u8> {
+    let mut h = FrameHeader::new(FrameKind::Hello);
+    h.header_len = HELLO_BYTES as u32;
+    let mut head = [0u8; HEADER_BYTES];
+    h.encode(&mut head);
+    let mut body = [0u8; HELLO_BYTES];
+    Hello {
+        credits: 8,
+        eager_bytes_max: 8192,
+        message_bytes_max: 1 << 20,
+    }
+    .encode(&mut body);
+    [&head[..], &body[..]].concat()
+}
+
+#[test]
+fn garbage_and_broken_peers_close_only_their_own_connection() {
+    let server = Server::start();
+    let mut worker = client();
+    let good = worker.connect_wait(server.addr, TIMEOUT).unwrap();
+
+    // 1. Pure garbage: the server closes the connection (we read EOF).
+    let mut raw = TcpStream::connect(server.addr).unwrap();
+    raw.set_read_timeout(Some(TIMEOUT)).unwrap();
+    raw.write_all(&[0xAB; 100]).unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink); // EOF (or reset) once the server gives up
+
+    // 2. A valid hello, then an oversized frame header.
+    let mut raw = TcpStream::connect(server.addr).unwrap();
+    raw.set_read_timeout(Some(TIMEOUT)).unwrap();
+    raw.write_all(&hello_bytes()).unwrap();
+    let mut h = FrameHeader::new(FrameKind::Eager);
+    h.payload_len = u32::MAX;
+    let mut head = [0u8; HEADER_BYTES];
+    h.encode(&mut head);
+    raw.write_all(&head).unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink);
+    let reason = b"exceeds the limit";
+    assert!(
+        sink.windows(reason.len()).any(|w| w == reason),
+        "the server says why in its Close frame: {:?}",
+        String::from_utf8_lossy(&sink)
+    );
+
+    // 3. A valid hello, then half a message, then the peer vanishes.
+    let mut raw = TcpStream::connect(server.addr).unwrap();
+    raw.write_all(&hello_bytes()).unwrap();
+    let mut h = FrameHeader::new(FrameKind::Eager);
+    h.am_id = ECHO_AM_ID;
+    h.payload_len = 4000;
+    h.encode(&mut head);
+    raw.write_all(&head).unwrap();
+    raw.write_all(&[1; 1000]).unwrap();
+    drop(raw);
+
+    // 4. Truncated header, then close.
+    let mut raw = TcpStream::connect(server.addr).unwrap();
+    raw.write_all(&hello_bytes()[..10]).unwrap();
+    drop(raw);
+
+    // The well-behaved connection never noticed.
+    for _ in 0..10 {
+        let reply = worker
+            .rpc_call_wait(
+                good,
+                ECHO_AM_ID,
+                &[ECHO],
+                Payload::Bytes(b"still here"),
+                TIMEOUT,
+            )
+            .unwrap();
+        assert_eq!(&*reply.payload, b"still here");
+    }
+    let (stats, _) = server.stop();
+    assert!(stats.closed_bad_frames >= 2, "{stats:?}");
+}
+
+#[test]
+fn a_server_that_dies_fails_outstanding_rpcs_with_disconnected() {
+    let server = Server::start();
+    let mut worker = client();
+    let ep = worker.connect_wait(server.addr, TIMEOUT).unwrap();
+    let id = worker
+        .rpc_call(ep, SILENT_AM_ID, &[], Payload::None, TIMEOUT)
+        .unwrap();
+    worker.progress();
+    server.stop();
+    let started = Instant::now();
+    assert_eq!(worker.wait_rpc(ep, id).unwrap_err(), RpcError::Disconnected);
+    assert!(
+        started.elapsed() < TIMEOUT,
+        "failed by the disconnect, not the deadline"
+    );
+    let closed = std::iter::from_fn(|| worker.poll_completion()).any(|c| {
+        matches!(
+            c,
+            Completion::Closed {
+                reason: CloseReason::Transport(_),
+                ..
+            }
+        )
+    });
+    assert!(closed);
+}
+
+#[test]
+fn an_idle_server_sleeps() {
+    let server = Server::start();
+    let mut worker = client();
+    let ep = worker.connect_wait(server.addr, TIMEOUT).unwrap();
+    worker
+        .rpc_call_wait(ep, ECHO_AM_ID, &[ECHO], Payload::Bytes(b"hi"), TIMEOUT)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (stats, cpu) = server.stop();
+    eprintln!("idle server: {cpu:?} CPU in 0.5 s; {stats:?}");
+    // Generous bound (10% of the idle half second): this catches a spinning
+    // loop, not a slow machine. The figure itself is in BENCHMARKS.md.
+    assert!(
+        cpu < Duration::from_millis(50),
+        "idle server used {cpu:?} of CPU; {stats:?}"
+    );
+}
