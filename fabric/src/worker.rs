@@ -686,13 +686,7 @@ impl Worker {
     fn dispatch(&mut self, key: u64) -> usize {
         let ep = EndpointId(key);
         let mut handled = 0;
-        loop {
-            let Some(e) = self.endpoints.get_mut(key) else {
-                break;
-            };
-            let Some(event) = e.conn.poll_event() else {
-                break;
-            };
+        while let Some(event) = self.endpoints.get_mut(key).and_then(|e| e.conn.poll_event()) {
             handled += 1;
             match event {
                 Event::Established => self.completions.push_back(Completion::Established { ep }),
@@ -705,6 +699,7 @@ impl Worker {
                         .push_back(Completion::Rpc { ep, id, result })
                 }
                 Event::Closed(reason) => {
+                    let e = self.endpoints.get_mut(key).expect("its event was just taken");
                     tracing::debug!(peer = %e.peer, ?reason, "endpoint closed");
                     // Local and protocol closes still flush their Close frame.
                     if matches!(reason, CloseReason::Peer(_) | CloseReason::Transport(_)) {

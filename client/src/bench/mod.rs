@@ -59,7 +59,7 @@ impl Workload {
 }
 
 /// Size of the acknowledgement a stream-mode server returns per request.
-pub const STREAM_ACK_BYTES: usize = 8;
+pub const STREAM_ACK_BYTES: usize = quiver_fabric::echo::ACK_BYTES;
 
 /// What one contender measured.
 pub struct RunStats {

@@ -108,7 +108,7 @@ impl ArenaConfig {
         }
         let mut previous = 0;
         for class in &self.classes {
-            if class.buf_bytes == 0 || class.buf_bytes % PAGE_BYTES != 0 {
+            if class.buf_bytes == 0 || !class.buf_bytes.is_multiple_of(PAGE_BYTES) {
                 return bad(format!(
                     "class size {} is not a multiple of 4 KiB",
                     class.buf_bytes
@@ -149,7 +149,7 @@ impl Region {
     fn map(bytes: usize, want_huge: bool) -> Result<Region, ArenaError> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
-        if want_huge && bytes % HUGE_PAGE_BYTES == 0 {
+        if want_huge && bytes.is_multiple_of(HUGE_PAGE_BYTES) {
             // SAFETY: anonymous mapping with no address hint; checked for MAP_FAILED.
             let ptr = unsafe {
                 libc::mmap(
