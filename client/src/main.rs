@@ -85,6 +85,8 @@ impl FabricArgs {
 enum BaselineKind {
     /// Plain blocking TCP sockets over loopback.
     RawTcp,
+    /// The same with both ends busy-polling non-blocking sockets.
+    RawTcpSpin,
     /// tonic unary echo over loopback.
     Grpc,
 }
@@ -115,7 +117,7 @@ struct BenchFabric {
     /// Runs per contender, interleaved; figures are per-field medians.
     #[arg(long, default_value_t = 1)]
     runs: usize,
-    /// Also run a baseline (repeatable): raw-tcp, grpc.
+    /// Also run a baseline (repeatable): raw-tcp, raw-tcp-spin, grpc.
     #[arg(long, value_enum)]
     baseline: Vec<BaselineKind>,
     /// Print one JSON object instead of the table.
@@ -189,6 +191,7 @@ fn bench_fabric(args: BenchFabric) -> anyhow::Result<()> {
         for (i, kind) in args.baseline.iter().enumerate() {
             let stats = match kind {
                 BaselineKind::RawTcp => bench::baseline::raw_tcp(&workload),
+                BaselineKind::RawTcpSpin => bench::baseline::raw_tcp_spin(&workload),
                 BaselineKind::Grpc => bench::baseline::grpc(&workload),
             }?;
             if !args.json {

@@ -38,6 +38,10 @@ const ACCEPTS_PER_PROGRESS_MAX: usize = 64;
 const WAKER_TOKEN: Token = Token(usize::MAX);
 /// Listener tokens count down from here; endpoint tokens are slab keys, far below.
 const LISTENER_TOKEN_BASE: usize = usize::MAX - 1;
+/// A spinning worker with at most this many endpoints polls their sockets directly.
+const DIRECT_POLL_ENDPOINTS_MAX: usize = 4;
+/// ...and still runs epoll once in this many rounds.
+const DIRECT_POLLS_PER_EPOLL: u64 = 16;
 /// Error code sent back for an RPC to an AM id with no handler.
 pub const NO_HANDLER: u32 = 0xffff_0001;
 
@@ -248,6 +252,8 @@ pub struct Worker {
     handlers: Vec<Option<AmHandler>>,
     completions: VecDeque<Completion>,
     last_work: Instant,
+    /// Progress rounds so far.
+    polls: u64,
     stats: WorkerStats,
 }
 
@@ -276,6 +282,7 @@ impl Worker {
             handlers: (0..config.am_ids_max).map(|_| None).collect(),
             completions: VecDeque::with_capacity(1024),
             last_work: Instant::now(),
+            polls: 0,
             stats: WorkerStats::default(),
         })
     }
@@ -542,7 +549,23 @@ impl Worker {
 
     fn progress_once(&mut self, timeout: Option<Duration>) -> usize {
         let mut work = 0;
-        if let Err(e) = self.poll.poll(&mut self.events, timeout) {
+        self.polls = self.polls.wrapping_add(1);
+        let spinning = timeout == Some(Duration::ZERO);
+        if spinning
+            && self.live.len() <= DIRECT_POLL_ENDPOINTS_MAX
+            && !self.polls.is_multiple_of(DIRECT_POLLS_PER_EPOLL)
+        {
+            // With few endpoints, a spinning worker tries their sockets directly:
+            // one recv that says EAGAIN is cheaper than an epoll_wait, and this
+            // is the hot loop of a latency-bound connection. Every few rounds
+            // epoll still runs, for listeners, the waker and writability.
+            for &key in &self.live {
+                if let Some(e) = self.endpoints.get_mut(key) {
+                    e.readable = true;
+                }
+            }
+            self.events.clear();
+        } else if let Err(e) = self.poll.poll(&mut self.events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
                 tracing::error!(error = %e, "epoll_wait failed");
             }
@@ -618,6 +641,7 @@ impl Worker {
                 tracing::debug!(peer = %e.peer, "arena exhausted; receive paused");
                 break;
             };
+            let offered = space.len();
             match e.sock.read(space) {
                 Ok(0) => {
                     e.dead = true;
@@ -635,6 +659,13 @@ impl Worker {
                     if let Err(err) = e.conn.handle_recv(now, n) {
                         tracing::warn!(peer = %e.peer, error = %err, "closing a connection that broke the protocol");
                         self.stats.closed_bad_frames += 1;
+                        break;
+                    }
+                    if n < offered {
+                        // A short read drained the socket; epoll (edge-triggered)
+                        // reports the next arrival. Saves a read that would only
+                        // say EAGAIN, on every message (as tokio does).
+                        e.readable = false;
                         break;
                     }
                 }
@@ -666,7 +697,14 @@ impl Worker {
             let mut iov = [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
             let n = e.conn.transmit_iovecs(&mut iov);
             match e.sock.write_vectored(&iov[..n]) {
-                Ok(written) => e.conn.handle_transmitted(written),
+                Ok(written) => {
+                    let offered: usize = iov[..n].iter().map(|v| v.len()).sum();
+                    e.conn.handle_transmitted(written);
+                    if written < offered {
+                        // The socket buffer is full; epoll reports when it drains.
+                        e.writable = false;
+                    }
+                }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => e.writable = false,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
@@ -686,7 +724,11 @@ impl Worker {
     fn dispatch(&mut self, key: u64) -> usize {
         let ep = EndpointId(key);
         let mut handled = 0;
-        while let Some(event) = self.endpoints.get_mut(key).and_then(|e| e.conn.poll_event()) {
+        while let Some(event) = self
+            .endpoints
+            .get_mut(key)
+            .and_then(|e| e.conn.poll_event())
+        {
             handled += 1;
             match event {
                 Event::Established => self.completions.push_back(Completion::Established { ep }),
@@ -699,7 +741,10 @@ impl Worker {
                         .push_back(Completion::Rpc { ep, id, result })
                 }
                 Event::Closed(reason) => {
-                    let e = self.endpoints.get_mut(key).expect("its event was just taken");
+                    let e = self
+                        .endpoints
+                        .get_mut(key)
+                        .expect("its event was just taken");
                     tracing::debug!(peer = %e.peer, ?reason, "endpoint closed");
                     // Local and protocol closes still flush their Close frame.
                     if matches!(reason, CloseReason::Peer(_) | CloseReason::Transport(_)) {

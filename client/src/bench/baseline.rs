@@ -33,6 +33,19 @@ use super::{Deadline, Limit, Mode, RunStats, Workload, STREAM_ACK_BYTES};
 /// acks are tiny, so it never blocks writing them while the client is busy
 /// writing requests, and the two cannot deadlock.
 pub fn raw_tcp(w: &Workload) -> anyhow::Result<RunStats> {
+    raw_tcp_with(w, false)
+}
+
+/// The raw-TCP baseline with both ends busy-polling non-blocking sockets
+/// instead of sleeping in `read`: what a latency-minded user hand-writes, and
+/// the honest floor for a transport that spins (this machine's idle-vCPU
+/// wake-up costs tens of microseconds per blocking round trip; see FLOOR.md).
+pub fn raw_tcp_spin(w: &Workload) -> anyhow::Result<RunStats> {
+    raw_tcp_with(w, true)
+}
+
+fn raw_tcp_with(w: &Workload, spin: bool) -> anyhow::Result<RunStats> {
+    let name = if spin { "raw-tcp-spin" } else { "raw-tcp" };
     ensure!(
         u32::try_from(w.size).is_ok(),
         "request size {} does not fit a u32 length",
@@ -47,14 +60,26 @@ pub fn raw_tcp(w: &Workload) -> anyhow::Result<RunStats> {
     drop(listener);
     client.set_nodelay(true)?;
     server_sock.set_nodelay(true)?;
+    client.set_nonblocking(spin)?;
+    server_sock.set_nonblocking(spin)?;
 
     let workload = *w;
     let server = thread::Builder::new()
         .name("raw-tcp-server".into())
-        .spawn(move || raw_serve(server_sock, &workload))
+        .spawn(move || {
+            if spin {
+                raw_serve(Spinning(&server_sock), &workload)
+            } else {
+                raw_serve(&server_sock, &workload)
+            }
+        })
         .context("spawning the raw-tcp server")?;
 
-    let result = raw_client(&client, w);
+    let result = if spin {
+        raw_client(Spinning(&client), w, name)
+    } else {
+        raw_client(&client, w, name)
+    };
     // Closing our end is what stops the server: it reads end-of-file at a
     // frame boundary (or, if we quit mid-exchange, fails its next read or
     // write) and returns, so the join below cannot hang.
@@ -115,7 +140,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const FILL: u8 = 0xa5;
 
 /// The raw-TCP server: answers each request frame until the client closes.
-fn raw_serve(mut sock: TcpStream, w: &Workload) -> io::Result<()> {
+fn raw_serve(mut sock: impl Read + Write, w: &Workload) -> io::Result<()> {
     // One buffer, sized for the largest request, for every message. The echo
     // of a request frame is that same frame, so ping-pong sends the buffer
     // straight back: a single write and no copy.
@@ -142,9 +167,7 @@ fn raw_serve(mut sock: TcpStream, w: &Workload) -> io::Result<()> {
 }
 
 /// The raw-TCP client: warm-up, then the measured part.
-fn raw_client(sock: &TcpStream, w: &Workload) -> anyhow::Result<RunStats> {
-    // `&TcpStream` is Read + Write, so the caller keeps ownership to close it.
-    let mut sock = sock;
+fn raw_client<S: Read + Write>(mut sock: S, w: &Workload, name: &str) -> anyhow::Result<RunStats> {
     // Every buffer is made here, once. The request is prefix and payload
     // together so each send is a single write_all.
     let mut request = vec![FILL; LEN_PREFIX + w.size];
@@ -156,10 +179,10 @@ fn raw_client(sock: &TcpStream, w: &Workload) -> anyhow::Result<RunStats> {
         Mode::Stream => raw_stream(&mut sock, &request, &mut sent, deadline, stats),
     };
 
-    let mut warmup = RunStats::new("raw-tcp", "tcp");
+    let mut warmup = RunStats::new(name, "tcp");
     phase(&mut Deadline::start(Limit::Iters(w.warmup)), &mut warmup).context("raw-tcp warm-up")?;
 
-    let mut stats = RunStats::new("raw-tcp", "tcp");
+    let mut stats = RunStats::new(name, "tcp");
     let mut deadline = Deadline::start(w.limit);
     phase(&mut deadline, &mut stats).context("raw-tcp run")?;
     stats.elapsed = deadline.elapsed();
@@ -168,7 +191,7 @@ fn raw_client(sock: &TcpStream, w: &Workload) -> anyhow::Result<RunStats> {
 
 /// One request outstanding: send, wait for the echo, repeat.
 fn raw_pingpong(
-    sock: &mut &TcpStream,
+    sock: &mut impl ReadWrite,
     request: &[u8],
     response: &mut [u8],
     deadline: &mut Deadline,
@@ -192,7 +215,7 @@ fn raw_pingpong(
 /// per ack while the deadline allows. `sent` is a ring of send times: the
 /// single server answers in order, so the oldest send is the one acked.
 fn raw_stream(
-    sock: &mut &TcpStream,
+    sock: &mut impl ReadWrite,
     request: &[u8],
     sent: &mut [Instant],
     deadline: &mut Deadline,
@@ -225,6 +248,52 @@ fn raw_stream(
     Ok(())
 }
 
+/// A socket both ways.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A busy-wait spinning on a socket gives up after this long (a dead peer).
+const SPIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// A non-blocking socket whose reads and writes spin instead of returning
+/// `WouldBlock`, so `read_exact`/`write_all` work on it unchanged.
+struct Spinning<'a>(&'a TcpStream);
+
+impl Spinning<'_> {
+    fn retry<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        let started = Instant::now();
+        loop {
+            match op() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if started.elapsed() > SPIN_LIMIT {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "peer silent"));
+                    }
+                    std::hint::spin_loop();
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Read for Spinning<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut sock = self.0;
+        Self::retry(|| sock.read(buf))
+    }
+}
+
+impl Write for Spinning<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut sock = self.0;
+        Self::retry(|| sock.write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Checks that a response frame announces the expected payload length.
 fn check_prefix(frame: &[u8], expected: usize) -> anyhow::Result<()> {
     let len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
@@ -244,7 +313,7 @@ fn ack_frame() -> [u8; ACK_FRAME] {
 
 /// Fills `buf` from `sock`; `Ok(false)` if the peer closed cleanly before
 /// the first byte (the client is done), an error if it closed part-way.
-fn read_or_eof(sock: &mut TcpStream, buf: &mut [u8]) -> io::Result<bool> {
+fn read_or_eof(sock: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     let mut got = 0;
     while got < buf.len() {
         match sock.read(&mut buf[got..]) {

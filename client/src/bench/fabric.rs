@@ -214,8 +214,10 @@ pub fn run(
         let mut sent_at = HashMap::with_capacity(window);
         loop {
             while sent_at.len() < window && deadline.issue() {
+                // The clock starts before the send, as it does for the baselines.
+                let sent = Instant::now();
                 let id = call(&mut worker)?;
-                sent_at.insert(id, Instant::now());
+                sent_at.insert(id, sent);
             }
             if sent_at.is_empty() {
                 break;
