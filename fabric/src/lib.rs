@@ -6,6 +6,7 @@
 //! - [`wire`]: the frame format, rkyv-archived and validated on receipt.
 //! - [`proto`]: one connection's protocol (framing, credits, eager/rendezvous,
 //!   RPC matching) as a sans-IO state machine.
+//! - [`rpc`]: typed request/response methods over those RPCs.
 //! - [`worker`]: the progress engine that drives connections over a transport
 //!   backend (TCP today), runs handlers, and polls adaptively.
 //!
@@ -15,6 +16,7 @@ pub use quiver_arena as arena;
 
 pub mod echo;
 pub mod proto;
+pub mod rpc;
 mod slab;
 pub mod wire;
 pub mod worker;

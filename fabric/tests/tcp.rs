@@ -325,3 +325,118 @@ fn an_idle_server_sleeps() {
         "idle server used {cpu:?} of CPU; {stats:?}"
     );
 }
+
+mod typed {
+    use super::*;
+    use quiver_fabric::rpc::{self, Method, Reply, BAD_REQUEST};
+
+    #[derive(rkyv::Archive, rkyv::Serialize, Debug)]
+    pub struct LookupRequest {
+        pub key: u64,
+        pub tag: String,
+    }
+
+    #[derive(rkyv::Archive, rkyv::Serialize, Debug)]
+    pub struct LookupResponse {
+        pub value: u64,
+        pub tag_len: u32,
+    }
+
+    pub struct Lookup;
+    impl Method for Lookup {
+        const AM_ID: u16 = 3;
+        type Request = LookupRequest;
+        type Response = LookupResponse;
+    }
+
+    /// Pointed at the echo service, which returns the 12-byte request header:
+    /// too short for the response type.
+    struct Confused;
+    impl Method for Confused {
+        const AM_ID: u16 = ECHO_AM_ID;
+        type Request = LookupResponse;
+        type Response = LookupRequest;
+    }
+
+    #[test]
+    fn typed_methods_validate_both_ways() {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_thread = Arc::clone(&stop);
+        let server = std::thread::spawn(move || {
+            let mut worker = Worker::new(arena(), WorkerConfig::default()).unwrap();
+            worker.set_am_handler(ECHO_AM_ID, echo_handler());
+            worker.set_am_handler(
+                Lookup::AM_ID,
+                rpc::serve::<Lookup, _>(|_, req, payload| {
+                    let key = req.key.to_native();
+                    if key == 0 {
+                        return Reply::Err(7, "key zero".into());
+                    }
+                    let response = LookupResponse {
+                        value: key * 2,
+                        tag_len: req.tag.len() as u32,
+                    };
+                    Reply::Ok(response, payload)
+                }),
+            );
+            let addr = worker.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+            tx.send((addr, worker.waker())).unwrap();
+            worker.run(|| stop_thread.load(Ordering::Acquire));
+        });
+        let (addr, waker) = rx.recv().unwrap();
+        let mut worker = client();
+        let ep = worker.connect_wait(addr, TIMEOUT).unwrap();
+
+        let request = LookupRequest {
+            key: 21,
+            tag: "copyset-7".into(),
+        };
+        let data = pattern(100_000);
+        let id =
+            rpc::call::<Lookup>(&mut worker, ep, &request, Payload::Bytes(&data), TIMEOUT).unwrap();
+        let reply = worker.wait_rpc(ep, id).unwrap();
+        let response = rpc::response::<Lookup>(&reply).unwrap();
+        assert_eq!(
+            (response.value.to_native(), response.tag_len.to_native()),
+            (42, 9)
+        );
+        assert!(
+            *reply.payload == data[..],
+            "the rendezvous payload came back"
+        );
+
+        let zero = LookupRequest {
+            key: 0,
+            tag: String::new(),
+        };
+        let id = rpc::call::<Lookup>(&mut worker, ep, &zero, Payload::None, TIMEOUT).unwrap();
+        let err = worker.wait_rpc(ep, id).unwrap_err();
+        assert!(matches!(err, RpcError::Remote(e) if e.code == 7 && e.message == "key zero"));
+
+        // A request header that does not validate is refused by the server.
+        let err = worker
+            .rpc_call_wait(ep, Lookup::AM_ID, &[0xff; 3], Payload::None, TIMEOUT)
+            .unwrap_err();
+        assert!(
+            matches!(&err, RpcError::Remote(e) if e.code == BAD_REQUEST),
+            "{err:?}"
+        );
+
+        // A response that does not validate is a typed error at the caller.
+        let odd = LookupResponse {
+            value: u64::MAX,
+            tag_len: u32::MAX,
+        };
+        let id = rpc::call::<Confused>(&mut worker, ep, &odd, Payload::None, TIMEOUT).unwrap();
+        let reply = worker.wait_rpc(ep, id).unwrap();
+        assert!(matches!(
+            rpc::response::<Confused>(&reply),
+            Err(RpcError::BadMessage(_))
+        ));
+
+        stop.store(true, Ordering::Release);
+        waker.wake();
+        server.join().unwrap();
+    }
+}
