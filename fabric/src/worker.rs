@@ -562,6 +562,8 @@ impl Worker {
             for &key in &self.live {
                 if let Some(e) = self.endpoints.get_mut(key) {
                     e.readable = true;
+                    // Same for a blocked writer: try instead of waiting for the edge.
+                    e.writable |= e.conn.wants_transmit();
                 }
             }
             self.events.clear();

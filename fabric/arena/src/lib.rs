@@ -5,7 +5,7 @@
 //! (an RDMA memory region, an io_uring fixed buffer per class) covers all of it and
 //! nothing is copied between the network and the disk. Buffers are refcounted
 //! handles that return to their pool when the last handle drops; taking one is a
-//! lock-free pop, so nothing is allocated on the hot path.
+//! pop from a preallocated free stack, so nothing is allocated on the hot path.
 //!
 //! Two handle types split ownership the way `bytes` does:
 //! - [`BufMut`] owns a byte range exclusively and may write it;
@@ -25,7 +25,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crossbeam_queue::ArrayQueue;
+use std::sync::Mutex;
 
 /// Bytes of a huge page on x86_64 and aarch64 (the default `hugetlbfs` size).
 const HUGE_PAGE_BYTES: usize = 2 << 20;
@@ -133,6 +133,38 @@ impl ArenaConfig {
     }
 }
 
+/// A stack of free slot indexes. A mutex held for a push or pop only: the
+/// common case is one thread, uncontended, about as cheap as a lock-free queue.
+struct FreeStack(Mutex<Vec<u32>>);
+
+impl FreeStack {
+    fn with_capacity(capacity: usize) -> FreeStack {
+        FreeStack(Mutex::new(Vec::with_capacity(capacity)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Never grows past the capacity: every slot is pushed at most once.
+    fn push(&self, slot: u32) {
+        let mut free = self.lock();
+        debug_assert!(free.len() < free.capacity());
+        free.push(slot);
+    }
+
+    fn pop(&self) -> Option<u32> {
+        self.lock().pop()
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
 /// The mapped region; unmapped when the last arena or buffer handle is gone.
 struct Region {
     base: NonNull<u8>,
@@ -204,7 +236,9 @@ struct Class {
     region_offset: usize,
     /// Index of the class's first slot in `Inner::refs`.
     first_slot: u32,
-    free: ArrayQueue<u32>,
+    /// Free slots, used LIFO: the buffer freed last is the one most likely
+    /// still in cache (a FIFO would hand out the coldest).
+    free: FreeStack,
     /// io_uring fixed-buffer index registered for this class's span, or UNSET.
     fixed_index: AtomicU32,
 }
@@ -266,10 +300,9 @@ impl Arena {
         let mut offset = 0usize;
         for (class_index, c) in config.classes.iter().enumerate() {
             let first_slot = refs.len() as u32;
-            let free = ArrayQueue::new(c.count);
+            let free = FreeStack::with_capacity(c.count);
             for i in 0..c.count {
-                free.push(first_slot + i as u32)
-                    .expect("queue sized to count");
+                free.push(first_slot + i as u32);
                 refs.push(AtomicU32::new(0));
                 slot_class.push(class_index as u8);
             }
@@ -471,10 +504,7 @@ impl Drop for View {
         }
         std::sync::atomic::fence(Ordering::Acquire);
         let class = &inner.classes[inner.slot_class[self.slot as usize] as usize];
-        class
-            .free
-            .push(self.slot)
-            .expect("free queue holds every slot of its class");
+        class.free.push(self.slot);
         // SAFETY: balances the Arc::into_raw in `Arena::alloc`; nothing uses `inner` after.
         unsafe { Arc::from_raw(self.inner.as_ptr().cast_const()) };
     }
