@@ -206,6 +206,10 @@ impl Region {
                 "no huge pages for the arena; using 4 KiB pages"
             );
         }
+        // Base pages, populated by hand below so transparent huge pages can
+        // back them where the kernel allows (MAP_POPULATE would fault 4 KiB
+        // pages in before the madvise could apply).
+        let flags = flags & !libc::MAP_POPULATE;
         // SAFETY: as above.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, flags, -1, 0) };
         if ptr == libc::MAP_FAILED {
@@ -213,6 +217,15 @@ impl Region {
                 bytes,
                 source: std::io::Error::last_os_error(),
             });
+        }
+        if want_huge {
+            // SAFETY: the range was just mapped; advice only.
+            unsafe { libc::madvise(ptr, bytes, libc::MADV_HUGEPAGE) };
+        }
+        for offset in (0..bytes).step_by(PAGE_BYTES) {
+            // SAFETY: inside the fresh private mapping; faults the page in now
+            // rather than on the data path.
+            unsafe { ptr.cast::<u8>().add(offset).write_volatile(0) };
         }
         Ok(Region {
             base: NonNull::new(ptr.cast()).expect("mmap returned null"),
