@@ -64,7 +64,7 @@ struct FabricArgs {
     #[arg(long, value_enum, default_value_t = Transport::Auto)]
     transport: Transport,
     /// Largest user header + payload sent eagerly; larger goes rendezvous.
-    #[arg(long, default_value_t = 8 << 10)]
+    #[arg(long, default_value_t = quiver_fabric::proto::EAGER_BYTES_MAX_DEFAULT)]
     eager_max: usize,
     /// Microseconds a worker keeps polling after work before it sleeps.
     #[arg(long, default_value_t = 200)]

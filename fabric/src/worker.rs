@@ -55,6 +55,10 @@ pub struct WorkerConfig {
     pub am_ids_max: u16,
     /// Timeout of a TCP connect.
     pub connect_timeout: Duration,
+    /// SO_SNDBUF for endpoints (None: the kernel's autotuning). The default
+    /// 16 KiB start of autotuning splits every large message into several
+    /// partial writes, each a syscall and a wait for writability.
+    pub send_buffer_bytes: Option<usize>,
 }
 
 impl Default for WorkerConfig {
@@ -64,6 +68,7 @@ impl Default for WorkerConfig {
             spin: Duration::from_micros(200),
             am_ids_max: 256,
             connect_timeout: Duration::from_secs(5),
+            send_buffer_bytes: Some(1 << 20),
         }
     }
 }
@@ -374,6 +379,9 @@ impl Worker {
     fn add_endpoint(&mut self, sock: TcpStream, peer: SocketAddr) -> io::Result<EndpointId> {
         // Small frames must leave at once: latency over packet count.
         sock.set_nodelay(true)?;
+        if let Some(bytes) = self.config.send_buffer_bytes {
+            set_send_buffer(&sock, bytes)?;
+        }
         let conn = Connection::new(self.arena.clone(), self.config.conn);
         let key = self.endpoints.insert(Endpoint {
             conn,
@@ -819,4 +827,23 @@ impl Worker {
             false
         });
     }
+}
+
+fn set_send_buffer(sock: &TcpStream, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

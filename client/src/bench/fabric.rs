@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 use quiver_fabric::echo::{echo_handler, ACK, ECHO, ECHO_AM_ID};
+use quiver_fabric::wire::{AM_HEADER_BYTES_MAX, HEADER_BYTES};
 use quiver_fabric::{Completion, ConnConfig, Payload, Worker, WorkerConfig, WorkerWaker};
 
 use super::{Deadline, Limit, Mode, RunStats, Workload};
@@ -57,9 +58,10 @@ impl FabricOptions {
         let conn = ConnConfig {
             eager_bytes_max: self.eager_bytes_max,
             message_bytes_max: message_bytes.max(1 << 20),
-            rx_chunk_bytes: (self.eager_bytes_max + (8 << 10))
+            // Room for the largest eager frame, rounded to a buffer class.
+            rx_chunk_bytes: (self.eager_bytes_max + AM_HEADER_BYTES_MAX + HEADER_BYTES)
                 .next_power_of_two()
-                .max(64 << 10),
+                .max(ConnConfig::default().rx_chunk_bytes),
             ..ConnConfig::default()
         };
         WorkerConfig {
@@ -245,6 +247,9 @@ pub fn run(
             }
         }
         stats.elapsed = deadline.elapsed();
+    }
+    if let Some(conn) = worker.endpoint_stats(ep) {
+        tracing::info!(?conn, worker = ?worker.stats(), "client connection counters");
     }
     worker.close(ep, "benchmark done");
     Ok(stats)
