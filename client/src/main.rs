@@ -51,8 +51,11 @@ enum FabricCommand {
         #[arg(long, default_value = "0.0.0.0:7470")]
         listen: SocketAddr,
         /// Largest message to accept, in bytes.
-        #[arg(long, default_value_t = 16 << 20)]
+        #[arg(long, default_value_t = 4 << 20)]
         max_size: usize,
+        /// Messages of --max-size the server can hold at once (sizes its arena).
+        #[arg(long, default_value_t = 16)]
+        window: usize,
         #[command(flatten)]
         fabric: FabricArgs,
     },
@@ -144,12 +147,13 @@ fn main() -> anyhow::Result<()> {
                 FabricCommand::Serve {
                     listen,
                     max_size,
+                    window,
                     fabric,
                 },
         } => {
             let opts = fabric.options();
             opts.resolve_transport()?;
-            let server = EchoServer::start(&opts, listen, max_size, 64)?;
+            let server = EchoServer::start(&opts, listen, max_size, window)?;
             eprintln!("quiver fabric: echo server listening on {}", server.addr);
             server.wait();
             Ok(())
