@@ -7,6 +7,7 @@
 //! - [`proto`]: one connection's protocol (framing, credits, eager/rendezvous,
 //!   RPC matching) as a sans-IO state machine.
 //! - [`rpc`]: typed request/response methods over those RPCs.
+//! - [`verbs`]: RDMA device discovery (libibverbs loaded at run time).
 //! - [`worker`]: the progress engine that drives connections over a transport
 //!   backend (TCP today), runs handlers, and polls adaptively.
 //!
@@ -18,6 +19,7 @@ pub mod echo;
 pub mod proto;
 pub mod rpc;
 mod slab;
+pub mod verbs;
 pub mod wire;
 pub mod worker;
 
