@@ -166,25 +166,25 @@ fn load() -> Result<Lib, VerbsUnavailable> {
         return Err(VerbsUnavailable::NoLibrary(why));
     }
     macro_rules! sym {
-        ($name:literal) => {{
+        ($name:literal, $ty:ty) => {{
             // SAFETY: a valid handle and a NUL-terminated name.
             let p = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr().cast()) };
             if p.is_null() {
                 return Err(VerbsUnavailable::MissingSymbol($name));
             }
             // SAFETY: the symbol is the C function whose signature we declare.
-            unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
         }};
     }
     Ok(Lib {
-        get_device_list: sym!("ibv_get_device_list"),
-        free_device_list: sym!("ibv_free_device_list"),
-        get_device_name: sym!("ibv_get_device_name"),
-        open_device: sym!("ibv_open_device"),
-        close_device: sym!("ibv_close_device"),
-        query_device: sym!("ibv_query_device"),
-        query_port: sym!("ibv_query_port"),
-        query_gid: sym!("ibv_query_gid"),
+        get_device_list: sym!("ibv_get_device_list", GetDeviceList),
+        free_device_list: sym!("ibv_free_device_list", FreeDeviceList),
+        get_device_name: sym!("ibv_get_device_name", GetDeviceName),
+        open_device: sym!("ibv_open_device", OpenDevice),
+        close_device: sym!("ibv_close_device", CloseDevice),
+        query_device: sym!("ibv_query_device", QueryDevice),
+        query_port: sym!("ibv_query_port", QueryPort),
+        query_gid: sym!("ibv_query_gid", QueryGid),
     })
 }
 
