@@ -3,13 +3,15 @@
 mod bench;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use bench::chunkstore::{Cleanup, Pattern, StoreBench, SyncPolicy};
 use bench::fabric::{EchoServer, FabricOptions, Transport};
-use bench::report::{Figures, Report};
+use bench::report::{ChunkstoreRun, Figures, Report};
 use bench::{Limit, Mode, Workload};
 
 #[derive(Parser)]
@@ -41,6 +43,8 @@ enum Command {
 enum BenchCommand {
     /// Active-message RPC latency and throughput of the fabric.
     Fabric(BenchFabric),
+    /// Latency and IOPS of the chunk store on local disk, against fio.
+    Chunkstore(BenchChunkstore),
 }
 
 #[derive(Subcommand)]
@@ -130,6 +134,55 @@ struct BenchFabric {
     fabric: FabricArgs,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreBaselineKind {
+    /// fio with the io_uring engine and O_DIRECT on a file in the same directory.
+    Fio,
+}
+
+#[derive(Args)]
+struct BenchChunkstore {
+    /// IO pattern.
+    #[arg(long, value_enum, default_value_t = Pattern::Randwrite)]
+    pattern: Pattern,
+    /// Bytes per operation (4k, 64k, ...; a multiple of 4 KiB).
+    #[arg(long, default_value = "4k", value_parser = bench::parse_size)]
+    bs: u64,
+    /// Operations in flight.
+    #[arg(long, default_value_t = 1)]
+    iodepth: usize,
+    /// Bytes the offsets range over; the store gets size / 16 MiB chunks (1G, 512M, ...).
+    #[arg(long, default_value = "1G", value_parser = bench::parse_size)]
+    size: u64,
+    /// always: every write is durable when it completes (fdatasync); never: no fdatasync.
+    #[arg(long, value_enum, default_value_t = SyncPolicy::Always)]
+    sync: SyncPolicy,
+    /// Directory for the chunk store and fio's file [default: ./quiver-bench-data].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Leave the chunk store and fio's file in --dir (a later run reuses them).
+    #[arg(long)]
+    keep: bool,
+    /// Operations per run.
+    #[arg(long, conflicts_with = "duration")]
+    iters: Option<u64>,
+    /// Seconds per run, instead of --iters [default: 5].
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Untimed operations before each run of ours.
+    #[arg(long, default_value_t = 256)]
+    warmup: u64,
+    /// Runs per contender, interleaved; figures are per-field medians.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Also run a baseline: fio.
+    #[arg(long, value_enum)]
+    baseline: Option<StoreBaselineKind>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -142,6 +195,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Fabric(args),
         } => bench_fabric(args),
+        Command::Bench {
+            what: BenchCommand::Chunkstore(args),
+        } => bench_chunkstore(args),
         Command::Fabric {
             what:
                 FabricCommand::Serve {
@@ -212,6 +268,95 @@ fn bench_fabric(args: BenchFabric) -> anyhow::Result<()> {
         Figures::median(&ours),
         theirs.iter().map(|runs| Figures::median(runs)).collect(),
     );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn bench_chunkstore(args: BenchChunkstore) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    let limit = match (args.iters, args.duration) {
+        (Some(n), _) => Limit::Iters(n),
+        (None, Some(s)) => Limit::Duration(
+            Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--duration must be a positive number of seconds")?,
+        ),
+        (None, None) => Limit::Duration(Duration::from_secs(5)),
+    };
+    let workload = bench::chunkstore::Workload {
+        pattern: args.pattern,
+        bs: args.bs,
+        iodepth: args.iodepth,
+        size: args.size,
+        sync: args.sync,
+        limit,
+        warmup: args.warmup,
+    };
+    workload.validate()?;
+    let fio = args.baseline == Some(StoreBaselineKind::Fio);
+    if fio {
+        let version = bench::fio::check_installed()?;
+        tracing::info!(%version, "fio found");
+    }
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => std::env::current_dir()
+            .context("finding the current directory")?
+            .join("quiver-bench-data"),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let fio_file = dir.join("fio.dat");
+    // Declared before the store, so dropped after it: files go once closed.
+    let _cleanup = Cleanup::new(&dir, &fio_file, args.keep);
+    let mut store = StoreBench::open(&dir, &workload)?;
+    let mut ours = Vec::with_capacity(args.runs);
+    let mut theirs = Vec::with_capacity(args.runs);
+    // Interleave contenders run by run, so a noisy moment hurts both alike.
+    for run in 0..args.runs {
+        if !args.json {
+            eprintln!("run {}/{}: quiver", run + 1, args.runs);
+        }
+        ours.push(Figures::of(&store.run()?));
+        if fio {
+            if !args.json {
+                eprintln!("run {}/{}: fio", run + 1, args.runs);
+            }
+            theirs.push(bench::fio::run(&workload, &fio_file)?);
+        }
+    }
+    drop(store);
+    let mut notes = Vec::new();
+    if fio {
+        notes.push(bench::fio::LAT_NOTE.to_string());
+        if workload.pattern.is_write() && workload.sync == SyncPolicy::Always {
+            notes.push(bench::fio::SYNC_NOTE.to_string());
+        }
+    }
+    let baselines = if fio {
+        vec![Figures::median(&theirs)]
+    } else {
+        Vec::new()
+    };
+    let run = ChunkstoreRun {
+        pattern: workload.pattern.name().to_string(),
+        bs: usize::try_from(workload.bs).context("--bs too large")?,
+        iodepth: workload.iodepth,
+        sync: workload
+            .pattern
+            .is_write()
+            .then(|| workload.sync.name().to_string()),
+        working_set_bytes: workload.size,
+        runs: args.runs,
+    };
+    let report = Report::chunkstore(&run, Figures::median(&ours), baselines, notes);
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

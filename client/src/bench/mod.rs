@@ -1,9 +1,13 @@
-//! Benchmarks a latency user runs: `quiver bench fabric` and its baselines.
+//! Benchmarks a latency user runs: `quiver bench fabric` and
+//! `quiver bench chunkstore`, each with its baselines.
 
 pub mod baseline;
+pub mod chunkstore;
 pub mod fabric;
+pub mod fio;
 pub mod report;
 
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -129,5 +133,124 @@ impl Deadline {
 
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+}
+
+/// Parses a size as fio writes them: `4096`, `4k`, `512M`, `1G`, `1GiB`
+/// (binary multiples; case does not matter).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 4096, 4k, 512M, 1G)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use k, M, G or T)"
+            ))
+        }
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// A size for people: `4 KiB`, `256 MiB`, `1.5 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A progress line on stderr for slow untimed steps (formatting, laying out):
+/// a percentage rewritten in place on a terminal, a start and an end line
+/// otherwise (so logs do not fill with carriage returns).
+pub struct Progress {
+    what: String,
+    tty: bool,
+    shown: Option<u64>,
+    started: Instant,
+}
+
+impl Progress {
+    pub fn start(what: impl Into<String>) -> Progress {
+        let what = what.into();
+        let tty = std::io::stderr().is_terminal();
+        if !tty {
+            eprintln!("{what} ...");
+        }
+        Progress {
+            what,
+            tty,
+            shown: None,
+            started: Instant::now(),
+        }
+    }
+
+    /// `done` of `total` steps are done.
+    pub fn update(&mut self, done: u64, total: u64) {
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
+        if self.tty && self.shown != Some(percent) {
+            self.shown = Some(percent);
+            let mut err = std::io::stderr().lock();
+            // Progress is best effort: a closed stderr must not fail the bench.
+            let _ = write!(err, "\r{}: {percent:3}%", self.what);
+            let _ = err.flush();
+        }
+    }
+
+    pub fn finish(self) {
+        let secs = self.started.elapsed().as_secs_f64();
+        if self.tty {
+            eprintln!("\r{}: done in {secs:.1} s", self.what);
+        } else {
+            eprintln!("{}: done in {secs:.1} s", self.what);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_fio() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("4KiB"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size(" 2g "), Ok(2 << 30));
+        for bad in [
+            "",
+            "k",
+            "1.5G",
+            "4x",
+            "-4k",
+            "99999999999999999999",
+            "20000000T",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} parsed");
+        }
+        assert_eq!(format_size(4096), "4 KiB");
+        assert_eq!(format_size(256 << 20), "256 MiB");
+        assert_eq!(format_size(3 << 29), "1.5 GiB");
+        assert_eq!(format_size(100), "100 B");
     }
 }

@@ -77,13 +77,34 @@ pub struct Baseline {
     pub ratio_ops: f64,
 }
 
-/// The JSON object `--json` prints.
+/// The JSON object `--json` prints. `bench fabric` and `bench chunkstore`
+/// share it: the fields they have in common come first and keep their names;
+/// the chunk store's own (`iodepth`, `sync`, `working_set_bytes`) are absent
+/// from `bench fabric`'s JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The table's first line.
+    #[serde(skip)]
+    title: String,
+    /// Footnotes printed under the table.
+    #[serde(skip)]
+    notes: Vec<String>,
     pub transport: String,
-    pub mode: Mode,
+    /// fabric: pingpong or stream; chunkstore: the IO pattern.
+    pub mode: String,
+    /// fabric: request bytes; chunkstore: block bytes.
     pub size: usize,
+    /// Operations in flight.
     pub window: usize,
+    /// chunkstore: operations in flight (fio's name for `window`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iodepth: Option<usize>,
+    /// chunkstore: "always" (every write durable) or "never".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<String>,
+    /// chunkstore: bytes the offsets range over (fio's file size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub working_set_bytes: Option<u64>,
     pub runs: usize,
     pub iters: u64,
     pub p50_us: f64,
@@ -95,7 +116,21 @@ pub struct Report {
     pub baselines: Vec<Baseline>,
 }
 
+/// What `bench chunkstore` ran, for its report.
+#[derive(Debug, Clone)]
+pub struct ChunkstoreRun {
+    /// randwrite, randread or seqwrite.
+    pub pattern: String,
+    pub bs: usize,
+    pub iodepth: usize,
+    /// Writes: "always" or "never"; reads: none.
+    pub sync: Option<String>,
+    pub working_set_bytes: u64,
+    pub runs: usize,
+}
+
 impl Report {
+    /// The report of `bench fabric`.
     pub fn new(
         mode: Mode,
         size: usize,
@@ -104,20 +139,78 @@ impl Report {
         ours: Figures,
         baselines: Vec<Figures>,
     ) -> Report {
-        let baselines = baselines
-            .into_iter()
-            .map(|b| Baseline {
-                ratio_p50: ours.p50_us / b.p50_us,
-                ratio_p99: ours.p99_us / b.p99_us,
-                ratio_ops: ours.ops_per_s / b.ops_per_s,
-                figures: b,
-            })
-            .collect();
+        let mode_name = match mode {
+            Mode::Pingpong => "pingpong",
+            Mode::Stream => "stream",
+        };
+        let shown = match mode {
+            Mode::Pingpong => "pingpong".to_string(),
+            Mode::Stream => format!("stream (window {window})"),
+        };
+        let title = format!(
+            "bench fabric: {shown}, {size} bytes, {} requests per run{}",
+            ours.iters,
+            medians_of(runs)
+        );
+        let mut report = Report::build(title, mode_name.to_string(), size, window, runs, ours);
+        report.add_baselines(baselines);
+        report
+    }
+
+    /// The report of `bench chunkstore`; `notes` go under the table.
+    pub fn chunkstore(
+        run: &ChunkstoreRun,
+        ours: Figures,
+        baselines: Vec<Figures>,
+        notes: Vec<String>,
+    ) -> Report {
+        let sync = match &run.sync {
+            Some(policy) => format!(", sync {policy}"),
+            None => String::new(),
+        };
+        let title = format!(
+            "bench chunkstore: {}, {} bytes per op, iodepth {}{sync}, {} working set, {} ops per run{}",
+            run.pattern,
+            run.bs,
+            run.iodepth,
+            super::format_size(run.working_set_bytes),
+            ours.iters,
+            medians_of(run.runs)
+        );
+        let mut report = Report::build(
+            title,
+            run.pattern.clone(),
+            run.bs,
+            run.iodepth,
+            run.runs,
+            ours,
+        );
+        report.iodepth = Some(run.iodepth);
+        report.sync = run.sync.clone();
+        report.working_set_bytes = Some(run.working_set_bytes);
+        report.notes = notes;
+        report.add_baselines(baselines);
+        report
+    }
+
+    fn build(
+        title: String,
+        mode: String,
+        size: usize,
+        window: usize,
+        runs: usize,
+        ours: Figures,
+    ) -> Report {
         Report {
+            title,
+            notes: Vec::new(),
             transport: ours.transport,
             mode,
             size,
             window,
+            iodepth: None,
+            sync: None,
+            working_set_bytes: None,
             runs,
             iters: ours.iters,
             p50_us: ours.p50_us,
@@ -126,33 +219,42 @@ impl Report {
             max_us: ours.max_us,
             ops_per_s: ours.ops_per_s,
             mb_per_s: ours.mb_per_s,
-            baselines,
+            baselines: Vec::new(),
         }
+    }
+
+    fn add_baselines(&mut self, baselines: Vec<Figures>) {
+        self.baselines = baselines
+            .into_iter()
+            .map(|b| Baseline {
+                ratio_p50: self.p50_us / b.p50_us,
+                ratio_p99: self.p99_us / b.p99_us,
+                ratio_ops: self.ops_per_s / b.ops_per_s,
+                figures: b,
+            })
+            .collect();
     }
 
     /// The human table.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let mode = match self.mode {
-            Mode::Pingpong => "pingpong".to_string(),
-            Mode::Stream => format!("stream (window {})", self.window),
-        };
-        let runs = if self.runs > 1 {
-            format!(", medians of {} runs", self.runs)
-        } else {
-            String::new()
-        };
+        out.push_str(&self.title);
+        out.push('\n');
+        // Wide enough for every transport name, and never narrower than 6.
+        let via = self
+            .baselines
+            .iter()
+            .map(|b| b.figures.transport.len())
+            .chain([self.transport.len(), 6])
+            .max()
+            .unwrap_or(6);
         out.push_str(&format!(
-            "bench fabric: {mode}, {} bytes, {} requests per run{runs}\n",
-            self.size, self.iters
-        ));
-        out.push_str(&format!(
-            "{:<12} {:<6} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9}\n",
+            "{:<12} {:<via$} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9}\n",
             "contender", "via", "p50 us", "p99 us", "p999 us", "max us", "ops/s", "MB/s"
         ));
         let row = |name: &str, transport: &str, f: (f64, f64, f64, f64, f64, f64)| {
             format!(
-                "{:<12} {:<6} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.0} {:>9.1}\n",
+                "{:<12} {:<via$} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.0} {:>9.1}\n",
                 name, transport, f.0, f.1, f.2, f.3, f.4, f.5
             )
         };
@@ -189,7 +291,18 @@ impl Report {
                 b.figures.name, b.ratio_p50, b.ratio_p99, b.ratio_ops
             ));
         }
+        for note in &self.notes {
+            out.push_str(&format!("note: {note}\n"));
+        }
         out
+    }
+}
+
+fn medians_of(runs: usize) -> String {
+    if runs > 1 {
+        format!(", medians of {runs} runs")
+    } else {
+        String::new()
     }
 }
 
@@ -249,5 +362,79 @@ mod tests {
         assert_eq!(b["ratio_ops"], 2.0);
         assert_eq!(json["mode"], "pingpong");
         assert!(report.table().contains("quiver / raw-tcp: p50 0.50x"));
+    }
+
+    #[test]
+    fn fabric_json_keeps_its_fields_and_chunkstore_adds_its_own() {
+        let fabric = Report::new(
+            Mode::Stream,
+            64,
+            16,
+            1,
+            figures("quiver", 10.0, 100.0),
+            vec![],
+        );
+        let json = serde_json::to_value(&fabric).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        let mut want = vec![
+            "transport",
+            "mode",
+            "size",
+            "window",
+            "runs",
+            "iters",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+            "ops_per_s",
+            "mb_per_s",
+            "baselines",
+        ];
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(sorted, want);
+        assert_eq!(json["mode"], "stream");
+        assert!(fabric
+            .table()
+            .starts_with("bench fabric: stream (window 16), 64 bytes, 10 requests per run\n"));
+
+        let mut ours = figures("quiver", 200.0, 5000.0);
+        ours.transport = "io_uring".into();
+        let mut fio = figures("fio", 180.0, 5500.0);
+        fio.transport = "io_uring".into();
+        let run = ChunkstoreRun {
+            pattern: "randwrite".into(),
+            bs: 4096,
+            iodepth: 1,
+            sync: Some("always".into()),
+            working_set_bytes: 256 << 20,
+            runs: 3,
+        };
+        let report = Report::chunkstore(&run, ours, vec![fio], vec!["a footnote".into()]);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["mode"], "randwrite");
+        assert_eq!(json["transport"], "io_uring");
+        assert_eq!(json["size"], 4096);
+        assert_eq!(json["iodepth"], 1);
+        assert_eq!(json["window"], 1);
+        assert_eq!(json["sync"], "always");
+        assert_eq!(json["working_set_bytes"], 256 << 20);
+        assert_eq!(json["baselines"][0]["name"], "fio");
+        let table = report.table();
+        assert!(table.contains("iodepth 1, sync always, 256 MiB working set"));
+        assert!(table.contains("medians of 3 runs"));
+        assert!(table.contains("quiver / fio: p50 1.11x"));
+        assert!(table.ends_with("note: a footnote\n"));
+        // Columns line up with the wider transport name.
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[1].len(), lines[2].len());
+        assert_eq!(lines[2].len(), lines[3].len());
     }
 }
