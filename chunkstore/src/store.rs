@@ -132,6 +132,8 @@ enum Stage {
     Waiting,
     /// Data (and checksum pages, for writes) in flight.
     Transfer,
+    /// A sync write's fdatasync in flight.
+    Sync,
 }
 
 struct Op {
@@ -148,6 +150,7 @@ struct Op {
 /// Sub-operation tags in a ring token: `op index << 2 | tag`.
 const TAG_DATA: u64 = 0;
 const TAG_CRC: u64 = 1;
+const TAG_SYNC: u64 = 2;
 
 pub struct ChunkStore {
     config: StoreConfig,
@@ -669,7 +672,7 @@ impl ChunkStore {
                 self.ring
                     .read_fixed(file.slot, offset, target, token | TAG_DATA)
             }
-            OpKind::Write { data, sync } => {
+            OpKind::Write { data, .. } => {
                 // Verify-before-write: the checksum is computed from the very
                 // bytes the kernel will read.
                 for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
@@ -684,18 +687,17 @@ impl ChunkStore {
                     .fixed_index
                     .ok_or(StoreError::Unregistered)?;
                 op.pending = 2;
-                // Durable writes are RWF_DSYNC: stable when they complete.
-                let durable = *sync;
                 self.ring
-                    .write_fixed(file.slot, offset, data, durable, token | TAG_DATA)?;
+                    .write_fixed(file.slot, offset, data, token | TAG_DATA)?;
                 self.ring.write_fixed_bytes(
                     file.slot,
                     CRC_OFFSET + (first * PAGE_BYTES) as u64,
                     crc_bytes,
                     crc_index,
-                    durable,
                     token | TAG_CRC,
-                )
+                )?;
+                // A sync write's fdatasync follows once both are done (handle_cqes).
+                Ok(())
             }
         }
     }
@@ -759,10 +761,10 @@ impl ChunkStore {
                         .get(&op.key)
                         .map(|c| c.file.path.clone())
                         .unwrap_or_default();
-                    let what = if cqe.token & 3 == TAG_CRC {
-                        "checksum write"
-                    } else {
-                        "data IO"
+                    let what = match cqe.token & 3 {
+                        TAG_CRC => "checksum write",
+                        TAG_SYNC => "fdatasync",
+                        _ => "data IO",
                     };
                     op.error.get_or_insert(StoreError::Io {
                         op: what,
@@ -793,6 +795,26 @@ impl ChunkStore {
             if op.pending > 0 {
                 continue;
             }
+            let sync_next = op.error.is_none()
+                && op.stage == Stage::Transfer
+                && matches!(op.kind, OpKind::Write { sync: true, .. });
+            if sync_next {
+                op.stage = Stage::Sync;
+                op.pending = 1;
+                let slot = self
+                    .chunks
+                    .get(&op.key)
+                    .expect("an op's chunk stays open")
+                    .file
+                    .slot;
+                if let Err(e) = self.ring.fdatasync(slot, ((index as u64) << 2) | TAG_SYNC) {
+                    let op = self.ops[index].as_mut().expect("live op");
+                    op.pending = 0;
+                    op.error = Some(e);
+                    self.finish_op(index);
+                }
+                continue;
+            }
             self.finish_op(index);
         }
         self.cqes = cqes;
@@ -803,9 +825,21 @@ impl ChunkStore {
     pub fn poll(&mut self, wait: bool) -> Result<Option<Done>, StoreError> {
         loop {
             if let Some(done) = self.done.pop_front() {
+                // Operations queued since the last submit go to the kernel now,
+                // not when the finished ones run out: the queue stays deep.
+                if self.ring.has_unsubmitted() {
+                    self.ring.submit_and_wait(0)?;
+                }
                 return Ok(Some(done));
             }
-            let want = usize::from(wait && self.ring.in_flight() > 0);
+            // With one operation live (queue depth 1), wait for all of its
+            // completions at once (a write's data and checksum): one wake-up.
+            let live = self.config.ops_max - self.free_ops.len();
+            let want = match (wait, live) {
+                (false, _) => 0,
+                (true, 1) => self.ring.in_flight().min(2),
+                (true, _) => usize::from(self.ring.in_flight() > 0),
+            };
             self.ring.submit_and_wait(want)?;
             self.handle_cqes();
             if self.done.is_empty() && (!wait || self.ring.in_flight() == 0) {
