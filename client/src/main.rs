@@ -63,6 +63,8 @@ enum FabricCommand {
         #[command(flatten)]
         fabric: FabricArgs,
     },
+    /// List RDMA devices, their ports, states and GIDs (or say why there are none).
+    Devices,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -214,7 +216,49 @@ fn main() -> anyhow::Result<()> {
             server.wait();
             Ok(())
         }
+        Command::Fabric {
+            what: FabricCommand::Devices,
+        } => fabric_devices(),
     }
+}
+
+fn fabric_devices() -> anyhow::Result<()> {
+    let devices = match quiver_fabric::verbs::devices() {
+        Ok(devices) => devices,
+        Err(why) => {
+            println!("no RDMA devices: {why}");
+            println!("quiver uses TCP here (--transport auto); soft-roce/ has a soft-RoCE setup");
+            return Ok(());
+        }
+    };
+    for dev in devices {
+        println!(
+            "{}  firmware {}  max_qp {}  max_mr_size {}",
+            dev.name, dev.firmware, dev.max_qp, dev.max_mr_size
+        );
+        for port in &dev.ports {
+            let link = match port.link_layer {
+                1 => "InfiniBand",
+                2 => "Ethernet (RoCE)",
+                _ => "unknown link",
+            };
+            println!(
+                "  port {}: {:?}, mtu {}, {link}, preferred gid index {:?}",
+                port.port,
+                port.state,
+                port.active_mtu,
+                port.preferred_gid_index()
+            );
+            for (index, gid) in &port.gids {
+                let v4 = gid
+                    .ipv4()
+                    .map(|a| format!("  (RoCE v2, {a})"))
+                    .unwrap_or_default();
+                println!("    gid[{index}] {gid}{v4}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn bench_fabric(args: BenchFabric) -> anyhow::Result<()> {

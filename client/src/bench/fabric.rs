@@ -46,10 +46,24 @@ impl FabricOptions {
     /// The transport that will actually carry traffic, or why none can.
     pub fn resolve_transport(&self) -> anyhow::Result<&'static str> {
         match self.transport {
-            Transport::Tcp | Transport::Auto => Ok("tcp"),
-            Transport::Verbs => {
-                bail!("the verbs backend is not built yet (issue 4); use --transport tcp or auto")
+            Transport::Tcp => Ok("tcp"),
+            Transport::Auto => {
+                // Say which transport carries the traffic, and why.
+                let why = match quiver_fabric::verbs::usable_port() {
+                    Ok((device, port)) => format!(
+                        "{device} port {} is active, but the verbs data path is not built yet (issue 4)",
+                        port.port
+                    ),
+                    Err(why) => why.to_string(),
+                };
+                tracing::info!(%why, "transport auto: using TCP");
+                eprintln!("transport auto: TCP ({why})");
+                Ok("tcp")
             }
+            Transport::Verbs => bail!(
+                "--transport verbs: the verbs data path is not built yet (issue 4; `quiver fabric \
+                 devices` shows what this machine has); use --transport tcp or auto"
+            ),
         }
     }
 
