@@ -121,6 +121,14 @@ struct Chunk {
     waiting: VecDeque<usize>,
 }
 
+impl Chunk {
+    /// Whether some of `pages` are a clone's unwritten pages (read from its source).
+    fn has_clone_gap(&self, pages: &Range<usize>) -> bool {
+        self.file.meta.clone_source.is_some()
+            && pages.clone().any(|p| !bit(&self.file.meta.bitmap, p))
+    }
+}
+
 #[derive(Debug)]
 enum OpKind {
     Write { data: Buf, sync: bool },
@@ -553,8 +561,7 @@ impl ChunkStore {
             });
         }
         let needs_snapshot = sn > current;
-        let clone_gap = chunk.file.meta.clone_source.is_some()
-            && pages.clone().any(|p| !bit(&chunk.file.meta.bitmap, p));
+        let clone_gap = chunk.has_clone_gap(&pages);
         let copy_on_write = chunk
             .snapshot
             .as_ref()
@@ -592,8 +599,7 @@ impl ChunkStore {
     ) -> Result<(), StoreError> {
         let pages = Self::check_range(offset, target.len())?;
         let chunk = self.chunks.get(&key).ok_or(StoreError::NoSuchChunk(key))?;
-        let clone_gap = chunk.file.meta.clone_source.is_some()
-            && pages.clone().any(|p| !bit(&chunk.file.meta.bitmap, p));
+        let clone_gap = chunk.has_clone_gap(&pages);
         if clone_gap {
             let mut target = target;
             self.drain_chunk(key)?;

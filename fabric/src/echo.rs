@@ -21,16 +21,8 @@ pub fn echo_handler() -> AmHandler {
         let payload = match m.data {
             AmData::Eager(p) | AmData::Pulled(p) => p,
             AmData::Rendezvous(desc) => {
-                match ctx.arena().alloc(desc.len()) {
-                    Ok(target) => {
-                        if let Err(e) = ctx.pull(desc, target) {
-                            tracing::debug!(error = %e, "echo: pull failed");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "echo: no buffer for a rendezvous; declining");
-                        ctx.reject(desc);
-                    }
+                if let Err(e) = ctx.pull_into_arena(desc) {
+                    tracing::warn!(error = %e, "echo: cannot take a rendezvous message");
                 }
                 return;
             }

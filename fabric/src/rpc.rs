@@ -132,16 +132,8 @@ where
         let payload = match m.data {
             AmData::Eager(p) | AmData::Pulled(p) => p,
             AmData::Rendezvous(desc) => {
-                match ctx.arena().alloc(desc.len()) {
-                    Ok(target) => {
-                        if let Err(e) = ctx.pull(desc, target) {
-                            tracing::debug!(error = %e, "pull failed");
-                        }
-                    }
-                    Err(e) => {
-                        ctx.reject(desc);
-                        let _ = ctx.reply_error(M::AM_ID, reply_to, NO_MEMORY, &e.to_string());
-                    }
+                if let Err(e) = ctx.pull_into_arena(desc) {
+                    let _ = ctx.reply_error(M::AM_ID, reply_to, NO_MEMORY, &e.to_string());
                 }
                 return;
             }

@@ -164,6 +164,18 @@ impl AmContext<'_> {
         self.conn(ep)?.pull(desc, target)
     }
 
+    /// Pulls a rendezvous payload into a fresh arena buffer of its size; with
+    /// none free, declines it (the sender sees `Rejected`) and says so.
+    pub fn pull_into_arena(&mut self, desc: RndvDesc) -> Result<(), SendError> {
+        match self.arena.alloc(desc.len()) {
+            Ok(target) => self.pull(desc, target),
+            Err(e) => {
+                self.reject(desc);
+                Err(SendError::NoMemory(e.to_string()))
+            }
+        }
+    }
+
     /// Declines a rendezvous payload.
     pub fn reject(&mut self, desc: RndvDesc) {
         self.answered = true;
