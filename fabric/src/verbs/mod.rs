@@ -8,12 +8,16 @@
 //!
 //! What is here today: listing devices, ports, their state and GIDs, so
 //! `quiver fabric devices` and `--transport auto` can say what they found and
-//! why they fall back. The verbs data path (queue pairs, completion queues,
-//! the shared receive queue) is issue 4's remaining work.
+//! why they fall back; and [`rc`], RC queue pairs with SEND/RECV and RDMA
+//! READ/WRITE, tested in the soft-RoCE guest. The active-message backend over
+//! them (shared receive queue, credits, completion channels) is issue 4's
+//! remaining work.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::sync::OnceLock;
+
+pub mod rc;
 
 /// Why verbs cannot be used on this machine.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,6 +129,13 @@ type CloseDevice = unsafe extern "C" fn(*mut c_void) -> c_int;
 type QueryDevice = unsafe extern "C" fn(*mut c_void, *mut IbvDeviceAttr) -> c_int;
 type QueryPort = unsafe extern "C" fn(*mut c_void, u8, *mut IbvPortAttr) -> c_int;
 type QueryGid = unsafe extern "C" fn(*mut c_void, u8, c_int, *mut IbvGid) -> c_int;
+type AllocPd = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
+type Release = unsafe extern "C" fn(*mut c_void) -> c_int;
+type RegMr = unsafe extern "C" fn(*mut c_void, *mut c_void, usize, c_int) -> *mut c_void;
+type CreateCq =
+    unsafe extern "C" fn(*mut c_void, c_int, *mut c_void, *mut c_void, c_int) -> *mut c_void;
+type CreateQp = unsafe extern "C" fn(*mut c_void, *mut rc::IbvQpInitAttr) -> *mut c_void;
+type ModifyQp = unsafe extern "C" fn(*mut c_void, *mut rc::IbvQpAttr, c_int) -> c_int;
 
 /// The functions we use, resolved once.
 struct Lib {
@@ -136,6 +147,15 @@ struct Lib {
     query_device: QueryDevice,
     query_port: QueryPort,
     query_gid: QueryGid,
+    alloc_pd: AllocPd,
+    dealloc_pd: Release,
+    reg_mr: RegMr,
+    dereg_mr: Release,
+    create_cq: CreateCq,
+    destroy_cq: Release,
+    create_qp: CreateQp,
+    destroy_qp: Release,
+    modify_qp: ModifyQp,
 }
 
 fn lib() -> Result<&'static Lib, VerbsUnavailable> {
@@ -185,6 +205,15 @@ fn load() -> Result<Lib, VerbsUnavailable> {
         query_device: sym!("ibv_query_device", QueryDevice),
         query_port: sym!("ibv_query_port", QueryPort),
         query_gid: sym!("ibv_query_gid", QueryGid),
+        alloc_pd: sym!("ibv_alloc_pd", AllocPd),
+        dealloc_pd: sym!("ibv_dealloc_pd", Release),
+        reg_mr: sym!("ibv_reg_mr", RegMr),
+        dereg_mr: sym!("ibv_dereg_mr", Release),
+        create_cq: sym!("ibv_create_cq", CreateCq),
+        destroy_cq: sym!("ibv_destroy_cq", Release),
+        create_qp: sym!("ibv_create_qp", CreateQp),
+        destroy_qp: sym!("ibv_destroy_qp", Release),
+        modify_qp: sym!("ibv_modify_qp", ModifyQp),
     })
 }
 
@@ -381,7 +410,7 @@ fn describe(lib: &Lib, dev: *mut c_void) -> Result<DeviceInfo, VerbsUnavailable>
 #[doc(hidden)]
 pub fn abi_layout() -> Vec<(&'static str, usize)> {
     use std::mem::{offset_of, size_of};
-    vec![
+    let mut layout = vec![
         ("sizeof(struct ibv_device_attr)", size_of::<IbvDeviceAttr>()),
         (
             "offsetof(struct ibv_device_attr, max_mr_size)",
@@ -425,7 +454,9 @@ pub fn abi_layout() -> Vec<(&'static str, usize)> {
             offset_of!(IbvPortAttr, port_cap_flags2),
         ),
         ("sizeof(union ibv_gid)", size_of::<IbvGid>()),
-    ]
+    ];
+    layout.extend(rc::abi_layout());
+    layout
 }
 
 /// `enum ibv_mtu` to bytes.
