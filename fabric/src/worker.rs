@@ -42,6 +42,8 @@ const LISTENER_TOKEN_BASE: usize = usize::MAX - 1;
 const DIRECT_POLL_ENDPOINTS_MAX: usize = 4;
 /// ...and still runs epoll once in this many rounds.
 const DIRECT_POLLS_PER_EPOLL: u64 = 16;
+/// How soon a worker whose reads wait for arena buffers looks again.
+const MEMORY_RETRY: Duration = Duration::from_millis(1);
 /// Error code sent back for an RPC to an AM id with no handler.
 pub const NO_HANDLER: u32 = 0xffff_0001;
 
@@ -271,6 +273,8 @@ pub struct Worker {
     last_work: Instant,
     /// Progress rounds so far.
     polls: u64,
+    /// A read found no arena buffer in the last round (retry on a timer).
+    memory_blocked: bool,
     stats: WorkerStats,
 }
 
@@ -300,6 +304,7 @@ impl Worker {
             completions: VecDeque::with_capacity(1024),
             last_work: Instant::now(),
             polls: 0,
+            memory_blocked: false,
             stats: WorkerStats::default(),
         })
     }
@@ -555,6 +560,10 @@ impl Worker {
     /// earliest RPC deadline, whichever is first.
     fn sleep_timeout(&mut self, now: Instant, deadline: Option<Instant>) -> Option<Duration> {
         let mut earliest = deadline;
+        if self.memory_blocked {
+            let retry = now + MEMORY_RETRY;
+            earliest = Some(earliest.map_or(retry, |d| d.min(retry)));
+        }
         for &key in &self.live {
             if let Some(t) = self
                 .endpoints
@@ -569,6 +578,7 @@ impl Worker {
 
     fn progress_once(&mut self, timeout: Option<Duration>) -> usize {
         let mut work = 0;
+        self.memory_blocked = false;
         self.polls = self.polls.wrapping_add(1);
         let spinning = timeout == Some(Duration::ZERO);
         if spinning
@@ -659,8 +669,11 @@ impl Worker {
         let mut reads = 0;
         for _ in 0..READS_PER_PROGRESS_MAX {
             let Some(space) = e.conn.recv_space() else {
-                // No arena buffer: leave the bytes in the kernel (TCP pushes back).
+                // No arena buffer: leave the bytes in the kernel (TCP pushes
+                // back). Epoll will not report these bytes again, so the worker
+                // retries on a short timer until buffers come back.
                 tracing::debug!(peer = %e.peer, "arena exhausted; receive paused");
+                self.memory_blocked = true;
                 break;
             };
             let offered = space.len();

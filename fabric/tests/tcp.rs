@@ -440,3 +440,92 @@ mod typed {
         server.join().unwrap();
     }
 }
+
+/// A server whose handlers hold every receive buffer stops reading (the
+/// sender is pushed back by TCP), and resumes by itself once buffers return,
+/// with no new traffic to wake it.
+#[test]
+fn a_receiver_out_of_buffers_pauses_and_resumes() {
+    use quiver_fabric::arena::Buf;
+    use quiver_fabric::AmData;
+    use std::sync::Mutex;
+
+    let held: Arc<Mutex<Vec<Buf>>> = Arc::new(Mutex::new(Vec::new()));
+    let held_server = Arc::clone(&held);
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_thread = Arc::clone(&stop);
+    let server = std::thread::spawn(move || {
+        // Three receive buffers only.
+        let arena = Arena::new(&ArenaConfig {
+            classes: vec![
+                SizeClass {
+                    buf_bytes: 4 << 10,
+                    count: 64,
+                },
+                SizeClass {
+                    buf_bytes: 256 << 10,
+                    count: 3,
+                },
+            ],
+            huge_pages: false,
+        })
+        .unwrap();
+        let mut worker = Worker::new(arena, WorkerConfig::default()).unwrap();
+        worker.set_am_handler(
+            ECHO_AM_ID,
+            Box::new(move |ctx, m| {
+                if let (AmData::Eager(payload), Some(reply_to)) = (m.data, m.reply_to) {
+                    held_server.lock().unwrap().push(payload); // keep the receive buffer
+                    ctx.reply(ECHO_AM_ID, reply_to, &[], Payload::Bytes(&[1; ACK_BYTES]))
+                        .unwrap();
+                }
+            }),
+        );
+        let addr = worker.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        tx.send((addr, worker.waker())).unwrap();
+        worker.run(|| stop_thread.load(Ordering::Acquire));
+    });
+    let (addr, waker) = rx.recv().unwrap();
+    let mut worker = client();
+    let ep = worker.connect_wait(addr, TIMEOUT).unwrap();
+    let data = pattern(32 << 10);
+    const MESSAGES: usize = 40;
+    for _ in 0..MESSAGES {
+        worker
+            .rpc_call(ep, ECHO_AM_ID, &[ACK], Payload::Bytes(&data), TIMEOUT)
+            .unwrap();
+    }
+    let mut answered = 0;
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        worker.progress_until(Some(deadline), |w| w.has_completions());
+        while let Some(c) = worker.poll_completion() {
+            if let Completion::Rpc { result, .. } = c {
+                result.unwrap();
+                answered += 1;
+            }
+        }
+    }
+    assert!(
+        answered < MESSAGES,
+        "the server never ran out of buffers ({answered} answered)"
+    );
+    // Give the buffers back; nothing else happens on the wire.
+    held.lock().unwrap().clear();
+    let deadline = Instant::now() + TIMEOUT;
+    while answered < MESSAGES && Instant::now() < deadline {
+        worker.progress_until(Some(deadline), |w| w.has_completions());
+        while let Some(c) = worker.poll_completion() {
+            if let Completion::Rpc { result, .. } = c {
+                result.unwrap();
+                answered += 1;
+                held.lock().unwrap().clear();
+            }
+        }
+    }
+    assert_eq!(answered, MESSAGES);
+    stop.store(true, Ordering::Release);
+    waker.wake();
+    server.join().unwrap();
+}
