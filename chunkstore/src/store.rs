@@ -1013,6 +1013,50 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Makes a clone independent of its source: copies every page it has not
+    /// written from the source, then forgets the source. Durable on return.
+    /// Synchronous: an administrative operation (Curve runs it in the
+    /// background after a clone from a snapshot).
+    pub fn flatten(&mut self, key: ChunkKey) -> Result<(), StoreError> {
+        self.drain_chunk(key)?;
+        let chunk = self.chunks.get(&key).ok_or(StoreError::NoSuchChunk(key))?;
+        if chunk.file.meta.clone_source.is_none() {
+            return Ok(());
+        }
+        let gaps: Vec<usize> = (0..PAGES)
+            .filter(|&p| !bit(&chunk.file.meta.bitmap, p))
+            .collect();
+        let mut page = self
+            .arena
+            .alloc(PAGE_BYTES)
+            .map_err(|e| StoreError::NoBuffer(e.to_string()))?;
+        for &p in &gaps {
+            // Through the clone itself: it reads the gap from its source.
+            self.read_page(key, false, p, &mut page, 0)?;
+            let chunk = self.chunks.get_mut(&key).expect("checked");
+            let file = &mut chunk.file;
+            if page.iter().any(|&b| b != 0) {
+                file.file
+                    .write_all_at(&page, DATA_OFFSET + (p * PAGE_BYTES) as u64)
+                    .map_err(|e| StoreError::io("flatten", &file.path, &e))?;
+                file.set_crc_entry(p, page_crc(&page));
+            }
+            // A zero page stays unwritten: it reads as zeros already.
+        }
+        let chunk = self.chunks.get_mut(&key).expect("checked");
+        let file = &mut chunk.file;
+        Self::write_crc_table(file)?;
+        file.file
+            .sync_data()
+            .map_err(|e| StoreError::io("fdatasync", &file.path, &e))?;
+        // Only now may reads stop following the source.
+        file.meta.clone_source = None;
+        file.meta.bitmap = [0; crate::format::BITMAP_BYTES];
+        let meta = file.meta.clone();
+        Self::write_meta(&mut self.scratch, file, &meta)?;
+        Ok(())
+    }
+
     /// A write that changes metadata: a new snapshot epoch (copy the old
     /// pages first) or a clone's first write to pages. Synchronous, durable.
     fn write_slow(

@@ -265,6 +265,24 @@ fn clones_read_through_to_their_source_until_written() {
         store.create_clone(key(4), 1, CloneSource::Snapshot(key(2))),
         Err(StoreError::NoSnapshot(_))
     ));
+    // Flattening copies the gaps; the clone then stands alone.
+    store.flatten(key(3)).unwrap();
+    assert_eq!(store.stat(key(3)).unwrap().clone_source, None);
+    // Its source may go: the pages it read through are its own now.
+    store.delete_snapshot(key(1)).unwrap();
+    assert_eq!(
+        tag_of(&store.read(key(3), 3 * P, PAGE_BYTES).unwrap()),
+        Some(1103)
+    );
+    assert_eq!(
+        tag_of(&store.read(key(3), 0, PAGE_BYTES).unwrap()),
+        Some(100)
+    );
+    assert!(store
+        .read(key(3), 100 * P, PAGE_BYTES)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
     // The local-page bitmap survives a restart.
     drop(store);
     let mut store = open(dir.path(), 6);
