@@ -578,15 +578,7 @@ impl ChunkStore {
         if data.placement().fixed_index.is_none() {
             return Err(StoreError::Unregistered);
         }
-        self.start_op(Op {
-            token,
-            key,
-            pages,
-            kind: OpKind::Write { data, sync },
-            stage: Stage::Waiting,
-            pending: 0,
-            error: None,
-        })
+        self.start_op(token, key, pages, OpKind::Write { data, sync })
     }
 
     /// Starts a read into `target` (its length is the read's) from `offset`.
@@ -612,23 +604,29 @@ impl ChunkStore {
         if target.placement().fixed_index.is_none() {
             return Err(StoreError::Unregistered);
         }
-        self.start_op(Op {
+        self.start_op(token, key, pages, OpKind::Read { target })
+    }
+
+    fn start_op(
+        &mut self,
+        token: u64,
+        key: ChunkKey,
+        pages: Range<usize>,
+        kind: OpKind,
+    ) -> Result<(), StoreError> {
+        let op = Op {
             token,
             key,
             pages,
-            kind: OpKind::Read { target },
+            kind,
             stage: Stage::Waiting,
             pending: 0,
             error: None,
-        })
-    }
-
-    fn start_op(&mut self, op: Op) -> Result<(), StoreError> {
+        };
         let index = self
             .free_ops
             .pop()
             .ok_or(StoreError::Busy(self.config.ops_max))?;
-        let key = op.key;
         self.ops[index] = Some(op);
         let chunk = self.chunks.get_mut(&key).expect("checked by the caller");
         chunk.waiting.push_back(index);
