@@ -55,9 +55,9 @@ fn send_recv_read_and_write_between_two_queue_pairs() {
         unsafe { RcDevice::open(&device, 1, gid_index as u8, span.addr, span.bytes) }.unwrap();
     let (lkey, rkey) = dev.keys();
     arena.set_rdma_keys(lkey, rkey);
-    let cq = dev.create_cq(64).unwrap();
-    let a = dev.create_qp(&cq, 16).unwrap();
-    let b = dev.create_qp(&cq, 16).unwrap();
+    let cq = dev.create_cq(64, None).unwrap();
+    let a = dev.create_qp(&cq, None, 16).unwrap();
+    let b = dev.create_qp(&cq, None, 16).unwrap();
     a.connect(
         100,
         QpInfo {
@@ -135,4 +135,112 @@ fn send_recv_read_and_write_between_two_queue_pairs() {
         b.qpn()
     );
     drop((a, b, cq, dev));
+}
+
+/// A shared receive queue feeds two queue pairs, and an idle receiver sleeps
+/// on the completion channel until a message wakes it (no spinning).
+#[test]
+fn a_shared_receive_queue_and_a_sleeping_completion_channel() {
+    let Some((device, gid_index)) = quiver_hwtests::configured_device() else {
+        quiver_hwtests::skip(
+            "srq and channel",
+            "QUIVER_RDMA_DEVICE not set (run under soft-roce/run-in-qemu.sh)",
+        );
+        return;
+    };
+    let arena = Arena::new(&ArenaConfig {
+        classes: vec![SizeClass {
+            buf_bytes: 4 << 10,
+            count: 32,
+        }],
+        huge_pages: false,
+    })
+    .unwrap();
+    let span = arena.region_span();
+    // SAFETY: the arena outlives the device.
+    let dev =
+        unsafe { RcDevice::open(&device, 1, gid_index as u8, span.addr, span.bytes) }.unwrap();
+    let (lkey, _) = dev.keys();
+    let channel = dev.create_channel().unwrap();
+    let send_cq = dev.create_cq(64, None).unwrap();
+    let recv_cq = dev.create_cq(64, Some(&channel)).unwrap();
+    let srq = dev.create_srq(16).unwrap();
+    // Two senders on send_cq; two receivers sharing the SRQ, completing on recv_cq.
+    let s1 = dev.create_qp(&send_cq, None, 16).unwrap();
+    let s2 = dev.create_qp(&send_cq, None, 16).unwrap();
+    let r1 = dev.create_qp(&recv_cq, Some(&srq), 16).unwrap();
+    let r2 = dev.create_qp(&recv_cq, Some(&srq), 16).unwrap();
+    let gid = dev.gid();
+    for (s, r) in [(&s1, &r1), (&s2, &r2)] {
+        s.connect(
+            10,
+            QpInfo {
+                qpn: r.qpn(),
+                psn: 20,
+                gid,
+            },
+        )
+        .unwrap();
+        r.connect(
+            20,
+            QpInfo {
+                qpn: s.qpn(),
+                psn: 10,
+                gid,
+            },
+        )
+        .unwrap();
+    }
+    let inboxes: Vec<_> = (0..4).map(|_| arena.alloc(4096).unwrap()).collect();
+    for (i, inbox) in inboxes.iter().enumerate() {
+        srq.post_recv(100 + i as u64, inbox.as_ptr() as u64, 4096, lkey)
+            .unwrap();
+    }
+    let mut message = arena.alloc(4096).unwrap();
+    message.fill(0x5a);
+
+    // Arm, check nothing is pending, then sleep on the channel's fd while a
+    // second thread sends after a pause.
+    recv_cq.arm().unwrap();
+    let mut got = Vec::new();
+    assert_eq!(recv_cq.poll(&mut got, 4).unwrap(), 0);
+    let started = Instant::now();
+    let message_addr = message.as_ptr() as u64;
+    let (s1, s2) = std::thread::scope(|scope| {
+        let sender = scope.spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            s1.post_send(1, WR_SEND, message_addr, 100, lkey, None)
+                .unwrap();
+            s2.post_send(2, WR_SEND, message_addr, 200, lkey, None)
+                .unwrap();
+            (s1, s2)
+        });
+        let mut pfd = libc::pollfd {
+            fd: channel.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, COMPLETION_TIMEOUT.as_millis() as i32) };
+        assert_eq!(ready, 1, "the channel never woke the sleeper");
+        sender.join().unwrap()
+    });
+    let slept = started.elapsed();
+    channel.take_event(&recv_cq).unwrap();
+    let received = wait(&recv_cq, 2);
+    wait(&send_cq, 2);
+    let mut lens: Vec<_> = received.iter().map(|c| (c.qp_num, c.byte_len)).collect();
+    lens.sort();
+    let mut expected = vec![(r1.qpn(), 100), (r2.qpn(), 200)];
+    expected.sort();
+    assert_eq!(
+        lens, expected,
+        "each receiver got its sender's message from the shared queue"
+    );
+    assert!(
+        slept >= Duration::from_millis(150),
+        "woke before anything was sent ({slept:?})"
+    );
+    println!("{device}: SRQ fed 2 QPs; the receiver slept {slept:?} on the completion channel");
+    drop((s1, s2, r1, r2, srq, send_cq, recv_cq, channel, dev));
 }

@@ -136,6 +136,9 @@ type CreateCq =
     unsafe extern "C" fn(*mut c_void, c_int, *mut c_void, *mut c_void, c_int) -> *mut c_void;
 type CreateQp = unsafe extern "C" fn(*mut c_void, *mut rc::IbvQpInitAttr) -> *mut c_void;
 type ModifyQp = unsafe extern "C" fn(*mut c_void, *mut rc::IbvQpAttr, c_int) -> c_int;
+type CreateSrq = unsafe extern "C" fn(*mut c_void, *mut rc::IbvSrqInitAttr) -> *mut c_void;
+type GetCqEvent = unsafe extern "C" fn(*mut c_void, *mut *mut c_void, *mut *mut c_void) -> c_int;
+type AckCqEvents = unsafe extern "C" fn(*mut c_void, u32);
 
 /// The functions we use, resolved once.
 struct Lib {
@@ -156,6 +159,12 @@ struct Lib {
     create_qp: CreateQp,
     destroy_qp: Release,
     modify_qp: ModifyQp,
+    create_srq: CreateSrq,
+    destroy_srq: Release,
+    create_comp_channel: AllocPd,
+    destroy_comp_channel: Release,
+    get_cq_event: GetCqEvent,
+    ack_cq_events: AckCqEvents,
 }
 
 fn lib() -> Result<&'static Lib, VerbsUnavailable> {
@@ -214,6 +223,12 @@ fn load() -> Result<Lib, VerbsUnavailable> {
         create_qp: sym!("ibv_create_qp", CreateQp),
         destroy_qp: sym!("ibv_destroy_qp", Release),
         modify_qp: sym!("ibv_modify_qp", ModifyQp),
+        create_srq: sym!("ibv_create_srq", CreateSrq),
+        destroy_srq: sym!("ibv_destroy_srq", Release),
+        create_comp_channel: sym!("ibv_create_comp_channel", AllocPd),
+        destroy_comp_channel: sym!("ibv_destroy_comp_channel", Release),
+        get_cq_event: sym!("ibv_get_cq_event", GetCqEvent),
+        ack_cq_events: sym!("ibv_ack_cq_events", AckCqEvents),
     })
 }
 

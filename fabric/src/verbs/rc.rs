@@ -5,11 +5,9 @@
 //! `post_recv`, `poll_cq`) that verbs.h inlines through the context's ops
 //! table.
 //!
-//! Not yet here: the shared receive queue, completion channels (sleeping on
-//! a CQ), and the active-message protocol over it (issue 4).
-//!
-//! Every structure below is our own declaration of rdma-core's ABI; `hwtests`
-//! checks each size and offset we rely on against the installed verbs.h.
+//! Also the shared receive queue and completion channels (arm a CQ, sleep
+//! on the channel's descriptor, take the event). Not yet here: the
+//! active-message protocol over all this (issue 4).
 
 use std::ffi::{c_int, c_void};
 use std::ptr::{self, NonNull};
@@ -181,16 +179,43 @@ pub(super) struct IbvCqHead {
 type PollCq = unsafe extern "C" fn(*mut c_void, c_int, *mut IbvWc) -> c_int;
 type PostSend = unsafe extern "C" fn(*mut c_void, *mut IbvSendWr, *mut *mut IbvSendWr) -> c_int;
 type PostRecv = unsafe extern "C" fn(*mut c_void, *mut IbvRecvWr, *mut *mut IbvRecvWr) -> c_int;
+type ReqNotifyCq = unsafe extern "C" fn(*mut c_void, c_int) -> c_int;
 
 /// `struct ibv_context_ops`: 32 function pointers; we call three of them.
 #[repr(C)]
 pub(super) struct IbvContextOps {
     pub _before_poll_cq: [*mut c_void; 11],
     pub poll_cq: Option<PollCq>,
-    pub _between: [*mut c_void; 13],
+    pub req_notify_cq: Option<ReqNotifyCq>,
+    pub _before_post_srq_recv: [*mut c_void; 7],
+    pub post_srq_recv: Option<PostRecv>,
+    pub _before_post_send: [*mut c_void; 4],
     pub post_send: Option<PostSend>,
     pub post_recv: Option<PostRecv>,
     pub _after: [*mut c_void; 5],
+}
+
+/// `struct ibv_srq_init_attr`.
+#[repr(C)]
+pub(super) struct IbvSrqInitAttr {
+    pub srq_context: *mut c_void,
+    pub max_wr: u32,
+    pub max_sge: u32,
+    pub srq_limit: u32,
+}
+
+/// The leading fields of `struct ibv_srq`.
+#[repr(C)]
+pub(super) struct IbvSrqHead {
+    pub context: *mut IbvContextHead,
+}
+
+/// The leading fields of `struct ibv_comp_channel`.
+#[repr(C)]
+pub(super) struct IbvCompChannel {
+    pub context: *mut c_void,
+    pub fd: c_int,
+    pub refcnt: c_int,
 }
 
 /// The leading fields of `struct ibv_context`.
@@ -348,32 +373,65 @@ impl RcDevice {
         self.gid
     }
 
-    /// A completion queue of `entries`.
-    pub fn create_cq(&self, entries: i32) -> Result<Cq, VerbsUnavailable> {
+    /// A completion channel: a file descriptor a worker sleeps on when idle.
+    pub fn create_channel(&self) -> Result<CompChannel, VerbsUnavailable> {
         let lib = lib()?;
-        // SAFETY: an open context; no channel, vector 0.
-        let cq = unsafe {
-            (lib.create_cq)(
-                self.ctx.as_ptr().cast(),
-                entries,
-                ptr::null_mut(),
-                ptr::null_mut(),
-                0,
-            )
+        // SAFETY: an open context.
+        let ch = unsafe { (lib.create_comp_channel)(self.ctx.as_ptr().cast()) };
+        let ch = NonNull::new(ch.cast::<IbvCompChannel>())
+            .ok_or_else(|| call_error(&self.name, "ibv_create_comp_channel", 0))?;
+        Ok(CompChannel { ch })
+    }
+
+    /// A shared receive queue of `depth` one-buffer receives.
+    pub fn create_srq(&self, depth: u32) -> Result<Srq, VerbsUnavailable> {
+        let lib = lib()?;
+        let mut attr = IbvSrqInitAttr {
+            srq_context: ptr::null_mut(),
+            max_wr: depth,
+            max_sge: 1,
+            srq_limit: 0,
         };
+        // SAFETY: a live PD and a valid attribute struct.
+        let srq = unsafe { (lib.create_srq)(self.pd.as_ptr(), &mut attr) };
+        let srq = NonNull::new(srq.cast::<IbvSrqHead>())
+            .ok_or_else(|| call_error(&self.name, "ibv_create_srq", 0))?;
+        Ok(Srq {
+            srq,
+            device: self.name.clone(),
+        })
+    }
+
+    /// A completion queue of `entries`, reporting to `channel` when armed.
+    pub fn create_cq(
+        &self,
+        entries: i32,
+        channel: Option<&CompChannel>,
+    ) -> Result<Cq, VerbsUnavailable> {
+        let lib = lib()?;
+        let ch = channel.map_or(ptr::null_mut(), |c| c.ch.as_ptr().cast());
+        // SAFETY: an open context, a live channel or none, vector 0.
+        let cq =
+            unsafe { (lib.create_cq)(self.ctx.as_ptr().cast(), entries, ptr::null_mut(), ch, 0) };
         let cq = NonNull::new(cq.cast::<IbvCqHead>())
             .ok_or_else(|| call_error(&self.name, "ibv_create_cq", 0))?;
         Ok(Cq { cq })
     }
 
-    /// An RC queue pair on `cq` (sends and receives), in state RESET.
-    pub fn create_qp(&self, cq: &Cq, depth: u32) -> Result<RcQp, VerbsUnavailable> {
+    /// An RC queue pair on `cq` (sends and receives), taking receives from
+    /// `srq` when given, in state RESET.
+    pub fn create_qp(
+        &self,
+        cq: &Cq,
+        srq: Option<&Srq>,
+        depth: u32,
+    ) -> Result<RcQp, VerbsUnavailable> {
         let lib = lib()?;
         let mut attr = IbvQpInitAttr {
             qp_context: ptr::null_mut(),
             send_cq: cq.cq.as_ptr().cast(),
             recv_cq: cq.cq.as_ptr().cast(),
-            srq: ptr::null_mut(),
+            srq: srq.map_or(ptr::null_mut(), |s| s.srq.as_ptr().cast()),
             cap: IbvQpCap {
                 max_send_wr: depth,
                 max_recv_wr: depth,
@@ -477,11 +535,127 @@ impl Cq {
     }
 }
 
+impl Cq {
+    /// Asks for an event on the CQ's channel at the next completion. Arm, then
+    /// poll once more, then sleep: a completion between the last poll and the
+    /// arming would otherwise be missed.
+    pub fn arm(&self) -> Result<(), VerbsUnavailable> {
+        // SAFETY: the provider's ops table of a live CQ's context.
+        let notify = unsafe { (*self.cq.as_ref().context).ops.req_notify_cq }
+            .ok_or(VerbsUnavailable::MissingSymbol("ops.req_notify_cq"))?;
+        // SAFETY: a live CQ; 0 = any completion, not only solicited.
+        let rc = unsafe { notify(self.cq.as_ptr().cast(), 0) };
+        if rc != 0 {
+            return Err(call_error("cq", "ibv_req_notify_cq", rc));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Cq {
     fn drop(&mut self) {
         if let Ok(lib) = lib() {
             // SAFETY: created by create_cq; its QPs are dropped first by the owner.
             unsafe { (lib.destroy_cq)(self.cq.as_ptr().cast()) };
+        }
+    }
+}
+
+/// A completion channel.
+pub struct CompChannel {
+    ch: NonNull<IbvCompChannel>,
+}
+
+// SAFETY: as for RcDevice.
+unsafe impl Send for CompChannel {}
+
+impl CompChannel {
+    /// The descriptor to sleep on (poll/epoll for readable).
+    pub fn fd(&self) -> c_int {
+        // SAFETY: a live channel.
+        unsafe { self.ch.as_ref().fd }
+    }
+
+    /// Takes the event of an armed CQ that fired, acknowledging it. Call when
+    /// `fd` is readable; the caller then polls the CQ and re-arms it.
+    pub fn take_event(&self, cq: &Cq) -> Result<(), VerbsUnavailable> {
+        let lib = lib()?;
+        let mut fired: *mut c_void = ptr::null_mut();
+        let mut context: *mut c_void = ptr::null_mut();
+        // SAFETY: a live channel with a pending event (the fd was readable).
+        let rc = unsafe { (lib.get_cq_event)(self.ch.as_ptr().cast(), &mut fired, &mut context) };
+        if rc != 0 {
+            return Err(call_error("channel", "ibv_get_cq_event", rc));
+        }
+        // SAFETY: one event taken above, acknowledged once.
+        unsafe { (lib.ack_cq_events)(fired, 1) };
+        if fired != cq.cq.as_ptr().cast::<c_void>() {
+            return Err(VerbsUnavailable::Call {
+                device: String::new(),
+                call: "ibv_get_cq_event",
+                error: "an event for another CQ".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CompChannel {
+    fn drop(&mut self) {
+        if let Ok(lib) = lib() {
+            // SAFETY: its CQs are destroyed first by the owner.
+            unsafe { (lib.destroy_comp_channel)(self.ch.as_ptr().cast()) };
+        }
+    }
+}
+
+/// A shared receive queue: one pool of posted receives for many QPs.
+pub struct Srq {
+    srq: NonNull<IbvSrqHead>,
+    device: String,
+}
+
+// SAFETY: as for RcDevice.
+unsafe impl Send for Srq {}
+
+impl Srq {
+    /// Posts a receive of up to `len` bytes at `addr` (registered with `lkey`).
+    pub fn post_recv(
+        &self,
+        wr_id: u64,
+        addr: u64,
+        len: u32,
+        lkey: u32,
+    ) -> Result<(), VerbsUnavailable> {
+        let mut sge = IbvSge {
+            addr,
+            length: len,
+            lkey,
+        };
+        let mut wr = IbvRecvWr {
+            wr_id,
+            next: ptr::null_mut(),
+            sg_list: &mut sge,
+            num_sge: 1,
+        };
+        let mut bad = ptr::null_mut();
+        // SAFETY: the provider's ops table of a live SRQ's context.
+        let post = unsafe { (*self.srq.as_ref().context).ops.post_srq_recv }
+            .ok_or(VerbsUnavailable::MissingSymbol("ops.post_srq_recv"))?;
+        // SAFETY: a live SRQ; the work request is copied by the provider.
+        let rc = unsafe { post(self.srq.as_ptr().cast(), &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(call_error(&self.device, "ibv_post_srq_recv", rc));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Srq {
+    fn drop(&mut self) {
+        if let Ok(lib) = lib() {
+            // SAFETY: its QPs are destroyed first by the owner.
+            unsafe { (lib.destroy_srq)(self.srq.as_ptr().cast()) };
         }
     }
 }
@@ -755,6 +929,26 @@ pub(super) fn abi_layout() -> Vec<(&'static str, usize)> {
             offset_of!(IbvContextOps, post_recv),
         ),
         ("sizeof(struct ibv_context_ops)", size_of::<IbvContextOps>()),
+        (
+            "offsetof(struct ibv_context_ops, req_notify_cq)",
+            offset_of!(IbvContextOps, req_notify_cq),
+        ),
+        (
+            "offsetof(struct ibv_context_ops, post_srq_recv)",
+            offset_of!(IbvContextOps, post_srq_recv),
+        ),
+        (
+            "sizeof(struct ibv_srq_init_attr)",
+            size_of::<IbvSrqInitAttr>(),
+        ),
+        (
+            "offsetof(struct ibv_srq_init_attr, attr.srq_limit)",
+            offset_of!(IbvSrqInitAttr, srq_limit),
+        ),
+        (
+            "offsetof(struct ibv_comp_channel, fd)",
+            offset_of!(IbvCompChannel, fd),
+        ),
         ("IBV_QPT_RC", QPT_RC as usize),
         ("IBV_WR_SEND", WR_SEND as usize),
         ("IBV_WR_RDMA_READ", WR_RDMA_READ as usize),
