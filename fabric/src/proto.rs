@@ -52,6 +52,11 @@ pub struct ConnConfig {
     pub rx_chunk_bytes: usize,
     /// RPCs that may be outstanding on this connection.
     pub rpcs_max: usize,
+    /// Rendezvous by remote read: an Rts names the payload's address and
+    /// remote key, the receiver reads it itself (the driver's RDMA READ, see
+    /// [`Event::ReadRequest`]) and answers with Fin. For transports with RDMA;
+    /// TCP uses Cts and RndvData.
+    pub remote_read: bool,
 }
 
 impl Default for ConnConfig {
@@ -65,6 +70,7 @@ impl Default for ConnConfig {
             message_bytes_max: 1 << 20,
             rx_chunk_bytes: 256 << 10,
             rpcs_max: 1024,
+            remote_read: false,
         }
     }
 }
@@ -170,6 +176,8 @@ pub enum ProtocolError {
     RendezvousLength { got: usize, want: usize },
     #[error("peer hello is unusable: {0}")]
     BadHello(String),
+    #[error("{0:?} frame for remote-read rendezvous on a connection without it")]
+    RemoteReadUnsupported(FrameKind),
 }
 
 /// Why a connection ended.
@@ -194,6 +202,8 @@ pub struct RndvDesc {
     am_id: u16,
     header: Buf,
     reply_to: Option<u64>,
+    /// Remote read: the payload's (address, rkey) in the sender's memory.
+    remote: Option<(u64, u32)>,
 }
 
 impl RndvDesc {
@@ -259,6 +269,16 @@ pub enum Event {
     },
     /// The connection is over; the driver closes the transport.
     Closed(CloseReason),
+    /// Remote read: read `len` bytes at `remote_addr` under `rkey` into the
+    /// target of `slot` ([`Connection::read_target`]), then call
+    /// [`Connection::handle_read_done`] exactly once, even if the read fails
+    /// or the connection closes (the target stays allocated until then).
+    ReadRequest {
+        slot: u64,
+        remote_addr: u64,
+        rkey: u32,
+        len: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,6 +362,8 @@ struct RndvIn {
     reply_to: Option<u64>,
     /// Set when this is an RPC response being pulled for the caller.
     rpc: Option<u64>,
+    /// Remote read: the payload's (address, rkey); a read is (or will be) in flight.
+    remote: Option<(u64, u32)>,
 }
 
 struct RpcPending {
@@ -402,6 +424,9 @@ pub struct Connection {
     rx_need: usize,
     direct: Option<Direct>,
     rndv_in: Slab<RndvIn>,
+    /// Targets of remote reads still in flight when the connection closed:
+    /// kept until the driver reports each read done.
+    orphan_reads: Vec<(u64, BufMut)>,
 
     rpcs: Slab<RpcPending>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -444,6 +469,7 @@ impl Connection {
             rx_need: HEADER_BYTES,
             direct: None,
             rndv_in: Slab::with_capacity(credits),
+            orphan_reads: Vec::new(),
             rpcs: Slab::with_capacity(config.rpcs_max),
             deadlines: BinaryHeap::with_capacity(config.rpcs_max),
             next_send: 1,
@@ -671,6 +697,16 @@ impl Connection {
             Payload::Bytes(b) => self.copy_to_arena(b)?,
             Payload::None => unreachable!("an empty payload always fits eager"),
         };
+        if self.config.remote_read {
+            let Some((_, rkey)) = buf.placement().rdma_keys else {
+                return Err(SendError::NoMemory(
+                    "a remote-read rendezvous payload must be in RDMA-registered memory".into(),
+                ));
+            };
+            h.flags |= flags::RTS_REMOTE_READ;
+            h.aux = buf.as_ptr() as u64;
+            h.rkey = rkey;
+        }
         self.send_credits -= 1;
         self.stats.rendezvous_sent += 1;
         let rpc = (frame_flags & flags::RPC_REQUEST != 0).then_some(correlation);
@@ -961,6 +997,9 @@ impl Connection {
                 // The credit returns when the driver takes the message's event
                 // (see `poll_event`): a receiver that stops handling stops the sender.
                 self.undelivered += 1;
+                if h.flags & flags::RTS_REMOTE_READ != 0 && !self.config.remote_read {
+                    return Err(ProtocolError::RemoteReadUnsupported(h.kind));
+                }
                 let header = frame.slice(HEADER_BYTES..header_end);
                 if h.kind == FrameKind::Eager {
                     let payload = frame.slice(header_end..frame.len());
@@ -994,6 +1033,21 @@ impl Connection {
                 }
             }
             FrameKind::Credit => {}
+            FrameKind::Fin => {
+                if !self.config.remote_read {
+                    return Err(ProtocolError::RemoteReadUnsupported(h.kind));
+                }
+                let out = self
+                    .rndv_out
+                    .remove(h.seq)
+                    .ok_or(ProtocolError::UnknownRendezvous {
+                        kind: h.kind,
+                        id: h.seq,
+                    })?;
+                if let Some(id) = out.done {
+                    self.push_event(Event::SendDone { id, result: Ok(()) });
+                }
+            }
             FrameKind::Close => {
                 let reason = String::from_utf8_lossy(&frame[HEADER_BYTES..header_end]).into_owned();
                 self.handle_disconnect(CloseReason::Peer(reason));
@@ -1034,6 +1088,7 @@ impl Connection {
 
     fn offer_rndv(&mut self, h: FrameHeader, header: Buf) {
         let len = h.payload_len as usize;
+        let remote = (h.flags & flags::RTS_REMOTE_READ != 0).then_some((h.aux, h.rkey));
         if h.flags & flags::RPC_RESPONSE != 0 {
             // Responses are pulled for the caller into a buffer of the arena; no
             // handler holds the frame, so its credit is owed at once.
@@ -1052,6 +1107,7 @@ impl Connection {
                         header,
                         reply_to: None,
                         rpc: Some(h.correlation),
+                        remote,
                     };
                     self.start_pull(slot);
                 }
@@ -1076,6 +1132,7 @@ impl Connection {
                 am_id: h.am_id,
                 header,
                 reply_to,
+                remote,
             }),
             reply_to,
         }));
@@ -1105,6 +1162,7 @@ impl Connection {
             header: desc.header,
             reply_to: desc.reply_to,
             rpc: None,
+            remote: desc.remote,
         };
         self.start_pull(slot);
         Ok(())
@@ -1112,8 +1170,73 @@ impl Connection {
 
     fn start_pull(&mut self, slot: RndvIn) {
         let seq = slot.seq;
+        let remote = slot.remote;
+        let len = slot.target.len();
         let key = self.rndv_in.insert(slot);
-        self.queue_cts(seq, key, 0);
+        match remote {
+            // The driver reads the payload; Fin follows in handle_read_done.
+            Some((remote_addr, rkey)) => self.push_event(Event::ReadRequest {
+                slot: key,
+                remote_addr,
+                rkey,
+                len,
+            }),
+            None => self.queue_cts(seq, key, 0),
+        }
+    }
+
+    /// The buffer a [`Event::ReadRequest`] reads into.
+    pub fn read_target(&mut self, slot: u64) -> Option<&mut BufMut> {
+        match self.rndv_in.get_mut(slot) {
+            Some(rin) if rin.remote.is_some() => Some(&mut rin.target),
+            _ => self
+                .orphan_reads
+                .iter_mut()
+                .find(|(k, _)| *k == slot)
+                .map(|(_, t)| t),
+        }
+    }
+
+    /// The driver finished (or failed) the read of a [`Event::ReadRequest`]:
+    /// the message is delivered (or aborted) and the sender told with Fin.
+    pub fn handle_read_done(&mut self, slot: u64, ok: bool) {
+        if let Some(at) = self.orphan_reads.iter().position(|(k, _)| *k == slot) {
+            // The connection closed while the read was in flight; its target
+            // could be freed only now.
+            self.orphan_reads.swap_remove(at);
+            return;
+        }
+        let Some(rin) = self.rndv_in.get_mut(slot) else {
+            tracing::error!(slot, "read completion for no rendezvous");
+            return;
+        };
+        let seq = rin.seq;
+        if ok {
+            self.finish_rndv_in(slot);
+        } else {
+            let rin = self.rndv_in.remove(slot).expect("checked above");
+            match rin.rpc {
+                Some(correlation) => {
+                    if self.rpcs.remove(correlation).is_some() {
+                        self.push_event(Event::RpcDone {
+                            id: RpcId(correlation),
+                            result: Err(RpcError::Disconnected),
+                        });
+                    }
+                }
+                None => self.push_event(Event::Am(AmMessage {
+                    am_id: rin.am_id,
+                    header: rin.header,
+                    data: AmData::Aborted,
+                    reply_to: rin.reply_to,
+                })),
+            }
+        }
+        if !self.is_closed() {
+            let mut h = FrameHeader::new(FrameKind::Fin);
+            h.seq = seq;
+            self.queue_frame(h, &[], &[], None, None);
+        }
     }
 
     /// Declines the rendezvous `seq` (from [`RndvDesc::seq`]) whose descriptor the
@@ -1336,8 +1459,12 @@ impl Connection {
                 });
             }
         }
-        let ins: Vec<_> = self.rndv_in.drain().map(|(_, i)| i).collect();
-        for rin in ins {
+        let ins: Vec<_> = self.rndv_in.drain().collect();
+        for (key, rin) in ins {
+            if rin.remote.is_some() {
+                // Its read may be in flight: the target must outlive it.
+                self.orphan_reads.push((key, rin.target));
+            }
             if rin.rpc.is_none() {
                 self.push_event(Event::Am(AmMessage {
                     am_id: rin.am_id,

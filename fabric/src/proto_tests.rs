@@ -681,3 +681,216 @@ fn random_operation_sequences_keep_their_invariants() {
         );
     }
 }
+
+/// A connected pair doing rendezvous by remote read (as over RDMA).
+fn remote_read_pair() -> Pair {
+    arena().set_rdma_keys(7, 9);
+    let mut pair = Pair::new(ConnConfig {
+        remote_read: true,
+        ..test_config()
+    });
+    pair.drive().unwrap();
+    pair.events(Side::A);
+    pair.events(Side::B);
+    pair
+}
+
+/// Serves `side`'s read requests by copying from the peer's memory, as an RDMA
+/// READ would; returns the other events.
+fn serve_reads(pair: &mut Pair, side: Side, ok: bool) -> Vec<Event> {
+    let mut others = Vec::new();
+    for event in pair.events(side) {
+        match event {
+            Event::ReadRequest {
+                slot,
+                remote_addr,
+                rkey,
+                len,
+            } => {
+                assert_eq!(rkey, 9, "the sender's remote key travels in the Rts");
+                let conn = pair.conn(side);
+                let target = conn.read_target(slot).expect("a live read target");
+                assert_eq!(target.len(), len);
+                // SAFETY: both connections live in this process; the sender keeps
+                // the payload buffer until our Fin.
+                let source = unsafe { std::slice::from_raw_parts(remote_addr as *const u8, len) };
+                target.copy_from_slice(source);
+                conn.handle_read_done(slot, ok);
+            }
+            other => others.push(other),
+        }
+    }
+    // What the reads delivered.
+    others.extend(pair.events(side));
+    others
+}
+
+#[test]
+fn remote_read_rendezvous_delivers_and_releases_the_sender_after_fin() {
+    let mut pair = remote_read_pair();
+    let data = pattern(100_000, 4);
+    let id = pair.a.am_send(3, b"rr", Payload::Bytes(&data)).unwrap();
+    pair.drive().unwrap();
+    let offers = pair.events(Side::B);
+    let [Event::Am(AmMessage {
+        data: AmData::Rendezvous(desc),
+        ..
+    })] = &offers[..]
+    else {
+        panic!("expected one offer, got {offers:?}");
+    };
+    assert_eq!(desc.len(), 100_000);
+    let Event::Am(AmMessage {
+        data: AmData::Rendezvous(desc),
+        ..
+    }) = offers.into_iter().next().unwrap()
+    else {
+        unreachable!()
+    };
+    let target = pair.arena.alloc(desc.len()).unwrap();
+    pair.b.pull(desc, target).unwrap();
+    assert!(!pair.b.wants_transmit(), "remote read sends no Cts");
+    // The sender still holds its buffer: no SendDone before Fin.
+    assert!(pair.events(Side::A).is_empty());
+    let delivered = serve_reads(&mut pair, Side::B, true);
+    let [Event::Am(AmMessage {
+        data: AmData::Pulled(payload),
+        header,
+        ..
+    })] = &delivered[..]
+    else {
+        panic!("expected the pulled message, got {delivered:?}");
+    };
+    assert_eq!(&**header, b"rr");
+    assert_eq!(&payload[..], &data[..]);
+    pair.drive().unwrap();
+    let a_events = pair.events(Side::A);
+    assert!(matches!(a_events[..], [Event::SendDone { id: i, result: Ok(()) }] if i == id));
+    assert_eq!(pair.a.stats().rendezvous_sent, 1);
+}
+
+#[test]
+fn remote_read_rpc_responses_are_read_for_the_caller() {
+    let mut pair = remote_read_pair();
+    let id = pair
+        .a
+        .rpc_call(
+            pair.now,
+            ECHO,
+            b"",
+            Payload::Bytes(b"give"),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+    pair.drive().unwrap();
+    let big = pair.buf(&pattern(200_000, 5));
+    for event in pair.events(Side::B) {
+        if let Event::Am(m) = event {
+            pair.b
+                .reply(
+                    m.am_id,
+                    m.reply_to.unwrap(),
+                    b"h",
+                    Payload::Buf(big.clone()),
+                )
+                .unwrap();
+        }
+    }
+    pair.drive().unwrap();
+    let done = serve_reads(&mut pair, Side::A, true);
+    let [Event::RpcDone {
+        id: i,
+        result: Ok(reply),
+    }] = &done[..]
+    else {
+        panic!("{done:?}")
+    };
+    assert_eq!(*i, id);
+    assert_eq!(&reply.payload[..], &big[..]);
+    pair.drive().unwrap();
+    // B's reply buffer was released by A's Fin (no event: replies have no SendDone).
+    assert!(pair.events(Side::B).is_empty());
+}
+
+#[test]
+fn a_failed_remote_read_aborts_the_message_and_still_frees_the_sender() {
+    let mut pair = remote_read_pair();
+    let id = pair
+        .a
+        .am_send(3, b"", Payload::Bytes(&pattern(50_000, 6)))
+        .unwrap();
+    pair.drive().unwrap();
+    for event in pair.events(Side::B) {
+        if let Event::Am(AmMessage {
+            data: AmData::Rendezvous(desc),
+            ..
+        }) = event
+        {
+            let target = pair.arena.alloc(desc.len()).unwrap();
+            pair.b.pull(desc, target).unwrap();
+        }
+    }
+    let delivered = serve_reads(&mut pair, Side::B, false);
+    assert!(matches!(
+        delivered[..],
+        [Event::Am(AmMessage {
+            data: AmData::Aborted,
+            ..
+        })]
+    ));
+    pair.drive().unwrap();
+    assert!(
+        matches!(pair.events(Side::A)[..], [Event::SendDone { id: i, result: Ok(()) }] if i == id)
+    );
+}
+
+#[test]
+fn a_read_in_flight_at_a_disconnect_keeps_its_target_until_done() {
+    let mut pair = remote_read_pair();
+    pair.a
+        .am_send(3, b"", Payload::Bytes(&pattern(50_000, 7)))
+        .unwrap();
+    pair.drive().unwrap();
+    for event in pair.events(Side::B) {
+        if let Event::Am(AmMessage {
+            data: AmData::Rendezvous(desc),
+            ..
+        }) = event
+        {
+            let target = pair.arena.alloc(desc.len()).unwrap();
+            pair.b.pull(desc, target).unwrap();
+        }
+    }
+    let slot = match pair.b.poll_event() {
+        Some(Event::ReadRequest { slot, .. }) => slot,
+        other => panic!("expected a read request, got {other:?}"),
+    };
+    pair.b
+        .handle_disconnect(CloseReason::Transport("cut".into()));
+    let events = pair.events(Side::B);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::Am(AmMessage {
+            data: AmData::Aborted,
+            ..
+        })
+    )));
+    assert!(
+        pair.b.read_target(slot).is_some(),
+        "the NIC may still write into it"
+    );
+    pair.b.handle_read_done(slot, false);
+    assert!(pair.b.read_target(slot).is_none());
+}
+
+#[test]
+fn a_remote_read_rts_on_a_plain_connection_is_refused() {
+    let mut pair = Pair::established();
+    let mut h = FrameHeader::new(FrameKind::Rts);
+    h.flags = crate::wire::flags::RTS_REMOTE_READ;
+    h.payload_len = 100_000;
+    let mut bytes = [0u8; HEADER_BYTES];
+    h.encode(&mut bytes);
+    let err = pair.feed(Side::B, &bytes).unwrap_err();
+    assert_eq!(err, ProtocolError::RemoteReadUnsupported(FrameKind::Rts));
+}

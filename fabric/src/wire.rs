@@ -24,7 +24,7 @@ pub const AM_HEADER_BYTES_MAX: usize = 4096;
 pub const CLOSE_REASON_BYTES_MAX: usize = 256;
 
 const _: () = assert!(
-    HEADER_BYTES == 44,
+    HEADER_BYTES == 48,
     "the frame header layout changed: bump VERSION"
 );
 const _: () = assert!(std::mem::align_of::<ArchivedFrameHeader>() == 1);
@@ -48,6 +48,9 @@ pub enum FrameKind {
     Credit = 6,
     /// Orderly close; the user header is a UTF-8 reason.
     Close = 7,
+    /// The receiver read rendezvous `seq` from the sender's memory (RDMA READ);
+    /// the sender may release the buffer.
+    Fin = 8,
 }
 
 /// Frame flags.
@@ -60,8 +63,11 @@ pub mod flags {
     pub const RPC_ERROR: u16 = 1 << 2;
     /// On Cts: the receiver declined the rendezvous; no data follows.
     pub const CTS_DISCARD: u16 = 1 << 3;
+    /// On Rts: the payload is at address `aux` under `rkey` in the sender's
+    /// memory; the receiver reads it (RDMA READ) and answers with Fin.
+    pub const RTS_REMOTE_READ: u16 = 1 << 4;
     /// Every flag this version knows.
-    pub const ALL: u16 = RPC_REQUEST | RPC_RESPONSE | RPC_ERROR | CTS_DISCARD;
+    pub const ALL: u16 = RPC_REQUEST | RPC_RESPONSE | RPC_ERROR | CTS_DISCARD | RTS_REMOTE_READ;
 }
 
 /// The fixed part of every frame.
@@ -86,6 +92,8 @@ pub struct FrameHeader {
     pub aux: u64,
     /// RPC correlation id (0: not an RPC).
     pub correlation: u64,
+    /// Rts with RTS_REMOTE_READ: the remote key of the payload's memory.
+    pub rkey: u32,
 }
 
 impl FrameHeader {
@@ -103,6 +111,7 @@ impl FrameHeader {
             seq: 0,
             aux: 0,
             correlation: 0,
+            rkey: 0,
         }
     }
 
@@ -221,7 +230,7 @@ pub fn decode_header(bytes: &[u8], limits: &RecvLimits) -> Result<FrameHeader, W
                 return too_large("rendezvous message", payload_len, limits.message_bytes_max);
             }
         }
-        FrameKind::Cts | FrameKind::Credit => {
+        FrameKind::Cts | FrameKind::Credit | FrameKind::Fin => {
             if header_len != 0 || payload_len != 0 {
                 return unexpected("a body");
             }

@@ -789,6 +789,13 @@ impl Worker {
                         .push_back(Completion::Closed { ep, reason });
                 }
                 Event::Am(message) => self.run_handler(ep, message),
+                Event::ReadRequest { slot, .. } => {
+                    // TCP connections never enable remote read; fail it cleanly.
+                    tracing::error!(slot, "remote-read request on a TCP endpoint");
+                    if let Some(e) = self.endpoints.get_mut(key) {
+                        e.conn.handle_read_done(slot, false);
+                    }
+                }
             }
         }
         handled
