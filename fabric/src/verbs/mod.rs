@@ -17,6 +17,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::sync::OnceLock;
 
+pub mod link;
 pub mod rc;
 
 /// Why verbs cannot be used on this machine.
