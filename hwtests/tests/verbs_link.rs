@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 use quiver_fabric::proto::{AmData, ConnConfig, Event, Payload};
-use quiver_fabric::verbs::link::VerbsLink;
+use quiver_fabric::verbs::link::{recvs_posted, VerbsLink};
 use quiver_fabric::verbs::rc::RcDevice;
 
 const ECHO: u16 = 1;
@@ -30,7 +30,8 @@ fn rpcs_and_remote_read_rendezvous_over_rc_queue_pairs() {
         classes: vec![
             SizeClass {
                 buf_bytes: 64 << 10,
-                count: 2 * 200,
+                // Each link: its posted receives and 16 staging buffers.
+                count: 2 * (recvs_posted(&ConnConfig::default()) + 16) + 8,
             },
             SizeClass {
                 buf_bytes: 256 << 10,

@@ -10,9 +10,11 @@
 //! chose, and a Fin frame releases the sender's buffer.
 //!
 //! No receiver runs dry: the connection's credits bound the Eager and Rts
-//! frames in flight, every other frame answers one of those, and a frame never
-//! spans more than two SENDs, so [`RECVS_POSTED`] receives cover the worst case
-//! (RNR retries stay enabled as a backstop, never as the flow control).
+//! frames in flight, every other frame answers one of those, and a frame (at
+//! most the eager limit plus headers, under 70 KiB) touches at most three
+//! SENDs, so [`recvs_posted`] receives (three per credit, plus slack for the
+//! answering frames) cover the worst case. RNR retries stay enabled as a
+//! backstop, never as the flow control.
 //!
 //! Not yet here: a shared receive queue across links, sleeping on the CQ's
 //! channel inside the worker's epoll, and out-of-band setup over TCP. This
@@ -30,8 +32,13 @@ use crate::proto::{ConnConfig, Connection, Event, ProtocolError};
 pub const SEND_BYTES: usize = 64 << 10;
 /// Staging buffers for SENDs in flight.
 const STAGING_SLOTS: usize = 16;
-/// Receives kept posted: twice the connection's credits plus slack.
-pub const RECVS_POSTED: usize = 160;
+/// Receives kept posted beyond three per credit, for frames that answer others.
+const RECVS_SLACK: usize = 32;
+
+/// Receives a link keeps posted for `config` (see the module docs).
+pub fn recvs_posted(config: &ConnConfig) -> usize {
+    3 * config.credits as usize + RECVS_SLACK
+}
 /// Completions taken per CQ poll.
 const CQ_BATCH: usize = 32;
 
@@ -84,8 +91,9 @@ impl VerbsLink {
             remote_read: true,
             ..config
         };
-        let cq = dev.create_cq((RECVS_POSTED + STAGING_SLOTS + 64) as i32, None)?;
-        let qp = dev.create_qp(&cq, None, RECVS_POSTED as u32)?;
+        let recvs = recvs_posted(&config);
+        let cq = dev.create_cq((recvs + STAGING_SLOTS + 64) as i32, None)?;
+        let qp = dev.create_qp(&cq, None, recvs as u32)?;
         let (lkey, _) = dev.keys();
         let alloc = |n: usize| -> Result<Vec<BufMut>, LinkError> {
             (0..n)
@@ -103,7 +111,7 @@ impl VerbsLink {
             lkey,
             staging: alloc(STAGING_SLOTS)?,
             staging_free: (0..STAGING_SLOTS).rev().collect(),
-            recvs: alloc(RECVS_POSTED)?,
+            recvs: alloc(recvs)?,
             completions: Vec::with_capacity(CQ_BATCH),
             events: std::collections::VecDeque::with_capacity(64),
             psn,
