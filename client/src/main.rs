@@ -210,7 +210,11 @@ fn main() -> anyhow::Result<()> {
                 },
         } => {
             let opts = fabric.options();
-            opts.resolve_transport()?;
+            if opts.transport == Transport::Verbs {
+                anyhow::bail!(
+                    "fabric serve runs over TCP only for now (verbs needs the out-of-band setup, issue 4)"
+                );
+            }
             let server = EchoServer::start(&opts, listen, max_size, window)?;
             eprintln!("quiver fabric: echo server listening on {}", server.addr);
             server.wait();

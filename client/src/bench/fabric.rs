@@ -32,6 +32,38 @@ pub enum Transport {
     Auto,
 }
 
+/// The transport a run uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chosen {
+    Tcp,
+    /// The fabric protocol over RC queue pairs on this device and port.
+    Verbs {
+        device: String,
+        port: u8,
+        gid_index: u8,
+    },
+}
+
+impl Chosen {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Chosen::Tcp => "tcp",
+            Chosen::Verbs { .. } => "verbs",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Chosen::Tcp => "tcp".into(),
+            Chosen::Verbs {
+                device,
+                port,
+                gid_index,
+            } => format!("{device} port {port} gid index {gid_index}"),
+        }
+    }
+}
+
 /// Fabric knobs a latency user may turn.
 #[derive(Debug, Clone, Copy)]
 pub struct FabricOptions {
@@ -43,27 +75,38 @@ pub struct FabricOptions {
 }
 
 impl FabricOptions {
-    /// The transport that will actually carry traffic, or why none can.
-    pub fn resolve_transport(&self) -> anyhow::Result<&'static str> {
-        match self.transport {
-            Transport::Tcp => Ok("tcp"),
-            Transport::Auto => {
-                // Say which transport carries the traffic, and why.
-                let why = match quiver_fabric::verbs::usable_port() {
-                    Ok((device, port)) => format!(
-                        "{device} port {} is active, but the verbs data path is not built yet (issue 4)",
-                        port.port
-                    ),
-                    Err(why) => why.to_string(),
-                };
-                tracing::info!(%why, "transport auto: using TCP");
-                eprintln!("transport auto: TCP ({why})");
-                Ok("tcp")
+    /// The transport that will carry traffic to `connect` (None: a server in
+    /// this process), or why none can. Verbs needs a server in this process
+    /// for now: the out-of-band setup over TCP with a remote peer is not built.
+    pub fn resolve_transport(&self, connect: Option<SocketAddr>) -> anyhow::Result<Chosen> {
+        let verbs = || -> Result<Chosen, String> {
+            if connect.is_some() {
+                return Err("verbs with --connect needs the out-of-band setup (issue 4)".into());
             }
-            Transport::Verbs => bail!(
-                "--transport verbs: the verbs data path is not built yet (issue 4; `quiver fabric \
-                 devices` shows what this machine has); use --transport tcp or auto"
-            ),
+            let (device, port) = quiver_fabric::verbs::usable_port().map_err(|e| e.to_string())?;
+            let gid_index = port
+                .preferred_gid_index()
+                .ok_or("the active port has no GID")?;
+            Ok(Chosen::Verbs {
+                device,
+                port: port.port,
+                gid_index: gid_index as u8,
+            })
+        };
+        match self.transport {
+            Transport::Tcp => Ok(Chosen::Tcp),
+            Transport::Auto => match verbs() {
+                Ok(chosen) => {
+                    eprintln!("transport auto: verbs ({})", chosen.describe());
+                    Ok(chosen)
+                }
+                Err(why) => {
+                    tracing::info!(%why, "transport auto: using TCP");
+                    eprintln!("transport auto: TCP ({why})");
+                    Ok(Chosen::Tcp)
+                }
+            },
+            Transport::Verbs => verbs().map_err(|why| anyhow::anyhow!("--transport verbs: {why}")),
         }
     }
 
@@ -188,7 +231,16 @@ pub fn run(
     opts: &FabricOptions,
     connect: Option<SocketAddr>,
 ) -> anyhow::Result<RunStats> {
-    let transport = opts.resolve_transport()?;
+    let chosen = opts.resolve_transport(connect)?;
+    if let Chosen::Verbs {
+        device,
+        port,
+        gid_index,
+    } = &chosen
+    {
+        return run_verbs(w, opts, device, *port, *gid_index);
+    }
+    let transport = chosen.name();
     let window = w.in_flight();
     let _server;
     let addr = match connect {
@@ -266,5 +318,167 @@ pub fn run(
         tracing::info!(?conn, worker = ?worker.stats(), "client connection counters");
     }
     worker.close(ep, "benchmark done");
+    Ok(stats)
+}
+
+/// Runs the workload over two `verbs::link`s on one device: the server on a
+/// thread of this process, the client here.
+fn run_verbs(
+    w: &Workload,
+    opts: &FabricOptions,
+    device: &str,
+    port: u8,
+    gid_index: u8,
+) -> anyhow::Result<RunStats> {
+    use quiver_fabric::proto::{AmData, Event};
+    use quiver_fabric::verbs::link::{recvs_posted, VerbsLink};
+    use quiver_fabric::verbs::rc::RcDevice;
+
+    let window = w.in_flight();
+    let config = opts.worker_config(w.size).conn;
+    let large = w
+        .size
+        .next_power_of_two()
+        .max(config.rx_chunk_bytes)
+        .max(1 << 20);
+    let arena = Arena::new(&ArenaConfig {
+        classes: vec![
+            SizeClass {
+                buf_bytes: 4 << 10,
+                count: 256,
+            },
+            // Link staging buffers and posted receives, both links.
+            SizeClass {
+                buf_bytes: 64 << 10,
+                count: 2 * (recvs_posted(&config) + 16) + 8,
+            },
+            SizeClass {
+                buf_bytes: config.rx_chunk_bytes,
+                count: 64,
+            },
+            SizeClass {
+                buf_bytes: 2 * large,
+                count: 2 * window + 8,
+            },
+        ],
+        huge_pages: true,
+    })
+    .context("mapping the arena")?;
+    let span = arena.region_span();
+    // SAFETY: the arena outlives the device (dropped after it, at the end).
+    let dev = unsafe { RcDevice::open(device, port, gid_index, span.addr, span.bytes) }
+        .with_context(|| format!("opening {device}"))?;
+    let (lkey, rkey) = dev.keys();
+    arena.set_rdma_keys(lkey, rkey);
+    let mut client = VerbsLink::new(&dev, &arena, config, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut server = VerbsLink::new(&dev, &arena, config, 2).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (ci, si) = (client.info(dev.gid()), server.info(dev.gid()));
+    client.connect(si).map_err(|e| anyhow::anyhow!("{e}"))?;
+    server.connect(ci).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_server = Arc::clone(&stop);
+    let server_arena = arena.clone();
+    let server = std::thread::Builder::new()
+        .name("fabric-server".into())
+        .spawn(move || -> anyhow::Result<VerbsLink> {
+            while !stop_server.load(Ordering::Relaxed) {
+                server
+                    .progress(Instant::now())
+                    .map_err(|e| anyhow::anyhow!("server: {e}"))?;
+                while let Some(event) = server.poll_event() {
+                    let Event::Am(m) = event else { continue };
+                    let payload = match m.data {
+                        AmData::Eager(p) | AmData::Pulled(p) => p,
+                        AmData::Rendezvous(desc) => {
+                            match server_arena.alloc(desc.len()) {
+                                Ok(target) => server.conn().pull(desc, target)?,
+                                Err(_) => server.conn().reject(desc),
+                            }
+                            continue;
+                        }
+                        AmData::Aborted => continue,
+                    };
+                    let Some(reply_to) = m.reply_to else { continue };
+                    match m.header.first() {
+                        Some(&ACK) => {
+                            server
+                                .conn()
+                                .reply(m.am_id, reply_to, &[], Payload::Bytes(&[0; 8]))?
+                        }
+                        _ => server.conn().reply(
+                            m.am_id,
+                            reply_to,
+                            &m.header,
+                            Payload::Buf(payload),
+                        )?,
+                    }
+                }
+            }
+            Ok(server)
+        })
+        .context("spawning the server thread")?;
+
+    let mut request = arena.alloc(w.size)?;
+    for (i, byte) in request.iter_mut().enumerate() {
+        *byte = i as u8;
+    }
+    let request = request.freeze();
+    let header = [match w.mode {
+        Mode::Pingpong => ECHO,
+        Mode::Stream => ACK,
+    }];
+    let expect = w.response_bytes();
+    let mut stats = RunStats::new("quiver", "verbs");
+    let result = (|| -> anyhow::Result<()> {
+        for (limit, record) in [(Limit::Iters(w.warmup), false), (w.limit, true)] {
+            let mut deadline = Deadline::start(limit);
+            let mut sent_at = HashMap::with_capacity(window);
+            loop {
+                while sent_at.len() < window && deadline.issue() {
+                    let sent = Instant::now();
+                    let id = client.conn().rpc_call(
+                        sent,
+                        ECHO_AM_ID,
+                        &header,
+                        Payload::Buf(request.clone()),
+                        RPC_TIMEOUT,
+                    )?;
+                    sent_at.insert(id, sent);
+                }
+                if sent_at.is_empty() {
+                    break;
+                }
+                client
+                    .progress(Instant::now())
+                    .map_err(|e| anyhow::anyhow!("client: {e}"))?;
+                while let Some(event) = client.poll_event() {
+                    if let Event::RpcDone { id, result } = event {
+                        let reply = result.context("echo RPC failed")?;
+                        let now = Instant::now();
+                        let sent = sent_at.remove(&id).context("a response nobody asked for")?;
+                        if reply.payload.len() != expect {
+                            bail!(
+                                "echo returned {} bytes, expected {expect}",
+                                reply.payload.len()
+                            );
+                        }
+                        if record {
+                            stats.record(sent, now, w.size);
+                        }
+                    }
+                }
+            }
+            stats.elapsed = deadline.elapsed();
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let server = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the server thread panicked"))?;
+    result?;
+    drop((client, server?));
+    drop(dev);
     Ok(stats)
 }
