@@ -3,6 +3,8 @@
 //! its payload back (zero-copy: the reply sends the very receive buffer); one
 //! starting with [`ACK`] gets an 8-byte acknowledgement.
 
+use quiver_arena::Buf;
+
 use crate::proto::{AmData, Payload};
 use crate::worker::AmHandler;
 
@@ -14,6 +16,18 @@ pub const ECHO: u8 = 0;
 pub const ACK: u8 = 1;
 /// Bytes of an acknowledgement.
 pub const ACK_BYTES: usize = 8;
+
+static ACK_PAYLOAD: [u8; ACK_BYTES] = [0; ACK_BYTES];
+
+/// The echo service's answer to a request with `header` and `payload`: the
+/// response header and payload. The one place the service's rule lives, for
+/// every driver (the worker's handler, a verbs link's loop).
+pub fn response(header: &Buf, payload: Buf) -> (&[u8], Payload<'static>) {
+    match header.first() {
+        Some(&ACK) => (&[], Payload::Bytes(&ACK_PAYLOAD)),
+        _ => (header, Payload::Buf(payload)),
+    }
+}
 
 /// The handler; install it with `worker.set_am_handler(ECHO_AM_ID, echo_handler())`.
 pub fn echo_handler() -> AmHandler {
@@ -29,11 +43,8 @@ pub fn echo_handler() -> AmHandler {
             AmData::Aborted => return,
         };
         let Some(reply_to) = m.reply_to else { return };
-        let result = match m.header.first() {
-            Some(&ACK) => ctx.reply(m.am_id, reply_to, &[], Payload::Bytes(&[0u8; ACK_BYTES])),
-            _ => ctx.reply(m.am_id, reply_to, &m.header, Payload::Buf(payload)),
-        };
-        if let Err(e) = result {
+        let (header, body) = response(&m.header, payload);
+        if let Err(e) = ctx.reply(m.am_id, reply_to, header, body) {
             tracing::debug!(error = %e, "echo: reply failed");
         }
     })

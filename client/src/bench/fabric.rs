@@ -400,19 +400,8 @@ fn run_verbs(
                         AmData::Aborted => continue,
                     };
                     let Some(reply_to) = m.reply_to else { continue };
-                    match m.header.first() {
-                        Some(&ACK) => {
-                            server
-                                .conn()
-                                .reply(m.am_id, reply_to, &[], Payload::Bytes(&[0; 8]))?
-                        }
-                        _ => server.conn().reply(
-                            m.am_id,
-                            reply_to,
-                            &m.header,
-                            Payload::Buf(payload),
-                        )?,
-                    }
+                    let (header, body) = quiver_fabric::echo::response(&m.header, payload);
+                    server.conn().reply(m.am_id, reply_to, header, body)?;
                 }
             }
             Ok(server)
