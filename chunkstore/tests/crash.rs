@@ -59,6 +59,9 @@ fn crash_writer_child() {
     let arena = store.arena().clone();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = std::io::stdout().lock();
+    // The harness has printed "test crash_writer_child ... " without a
+    // newline; end that line so our first record stands on its own.
+    writeln!(out).unwrap();
     let mut in_flight = HashMap::new();
     // Versions are unique across rounds: the seed is the high half.
     let mut version = seed << 32;
@@ -195,8 +198,9 @@ fn acknowledged_writes_survive_kill_9_at_any_moment() {
 
 /// Applies one line of the writer's log; returns 1 for an acknowledgement.
 fn record(log: &mut HashMap<(u64, u64), PageLog>, line: &str) -> usize {
-    let mut parts = line.split(' ');
-    let (Some(kind), Some(c), Some(p), Some(v)) =
+    // The last four words: a record may follow harness text on the same line.
+    let mut parts = line.split(' ').rev();
+    let (Some(v), Some(p), Some(c), Some(kind)) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return 0; // the test harness's own lines
