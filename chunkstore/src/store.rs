@@ -110,6 +110,24 @@ impl OpenFile {
     fn set_crc_entry(&mut self, page: usize, crc: u32) {
         self.crc[page * 4..page * 4 + 4].copy_from_slice(&crc.to_le_bytes());
     }
+
+    /// Writes whole pages from `first` with positional IO (the slow paths) and
+    /// records their checksums in the table; the caller writes the table and
+    /// syncs. `data` must be O_DIRECT-aligned (an arena buffer).
+    fn write_pages(
+        &mut self,
+        first: usize,
+        data: &[u8],
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        self.file
+            .write_all_at(data, DATA_OFFSET + (first * PAGE_BYTES) as u64)
+            .map_err(|e| StoreError::io(op, &self.path, &e))?;
+        for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
+            self.set_crc_entry(first + i, page_crc(page));
+        }
+        Ok(())
+    }
 }
 
 struct Chunk {
@@ -1034,10 +1052,7 @@ impl ChunkStore {
             let chunk = self.chunks.get_mut(&key).expect("checked");
             let file = &mut chunk.file;
             if page.iter().any(|&b| b != 0) {
-                file.file
-                    .write_all_at(&page, DATA_OFFSET + (p * PAGE_BYTES) as u64)
-                    .map_err(|e| StoreError::io("flatten", &file.path, &e))?;
-                file.set_crc_entry(p, page_crc(&page));
+                file.write_pages(p, &page, "flatten")?;
             }
             // A zero page stays unwritten: it reads as zeros already.
         }
@@ -1109,10 +1124,7 @@ impl ChunkStore {
                 self.read_page(key, false, page, &mut page_buf, 0)?;
                 let chunk = self.chunks.get_mut(&key).expect("checked");
                 let snap = chunk.snapshot.as_mut().expect("checked");
-                snap.file
-                    .write_all_at(&page_buf, DATA_OFFSET + (page * PAGE_BYTES) as u64)
-                    .map_err(|e| StoreError::io("copy-on-write", &snap.path, &e))?;
-                snap.set_crc_entry(page, page_crc(&page_buf));
+                snap.write_pages(page, &page_buf, "copy-on-write")?;
                 set_bit(&mut snap.meta.bitmap, page);
             }
             let chunk = self.chunks.get_mut(&key).expect("checked");
@@ -1128,19 +1140,17 @@ impl ChunkStore {
         // The write itself, then (for a clone) the bitmap of local pages.
         let chunk = self.chunks.get_mut(&key).expect("checked");
         let file = &mut chunk.file;
-        let staged = {
-            let mut b = self
+        // Arena buffers go straight to the disk; a sub-slice that lost the
+        // O_DIRECT alignment goes through a fresh arena buffer.
+        if (data.as_ptr() as usize).is_multiple_of(PAGE_BYTES) {
+            file.write_pages(pages.start, data, "write")?;
+        } else {
+            let mut staged = self
                 .arena
                 .alloc(data.len())
                 .map_err(|e| StoreError::NoBuffer(e.to_string()))?;
-            b.copy_from_slice(data);
-            b
-        };
-        file.file
-            .write_all_at(&staged, DATA_OFFSET + (pages.start * PAGE_BYTES) as u64)
-            .map_err(|e| StoreError::io("write", &file.path, &e))?;
-        for (i, page) in staged.chunks_exact(PAGE_BYTES).enumerate() {
-            file.set_crc_entry(pages.start + i, page_crc(page));
+            staged.copy_from_slice(data);
+            file.write_pages(pages.start, &staged, "write")?;
         }
         Self::write_crc_table(file)?;
         file.file

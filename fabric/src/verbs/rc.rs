@@ -627,27 +627,15 @@ impl Srq {
         len: u32,
         lkey: u32,
     ) -> Result<(), VerbsUnavailable> {
-        let mut sge = IbvSge {
-            addr,
-            length: len,
-            lkey,
-        };
-        let mut wr = IbvRecvWr {
-            wr_id,
-            next: ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-        };
-        let mut bad = ptr::null_mut();
         // SAFETY: the provider's ops table of a live SRQ's context.
-        let post = unsafe { (*self.srq.as_ref().context).ops.post_srq_recv }
-            .ok_or(VerbsUnavailable::MissingSymbol("ops.post_srq_recv"))?;
-        // SAFETY: a live SRQ; the work request is copied by the provider.
-        let rc = unsafe { post(self.srq.as_ptr().cast(), &mut wr, &mut bad) };
-        if rc != 0 {
-            return Err(call_error(&self.device, "ibv_post_srq_recv", rc));
-        }
-        Ok(())
+        let post = unsafe { (*self.srq.as_ref().context).ops.post_srq_recv };
+        post_one_recv(
+            post,
+            self.srq.as_ptr().cast(),
+            (wr_id, addr, len, lkey),
+            &self.device,
+            "ibv_post_srq_recv",
+        )
     }
 }
 
@@ -658,6 +646,36 @@ impl Drop for Srq {
             unsafe { (lib.destroy_srq)(self.srq.as_ptr().cast()) };
         }
     }
+}
+
+/// Posts one single-buffer receive `(wr_id, addr, len, lkey)` through a
+/// provider's post function (a QP's or an SRQ's: the same calling shape).
+fn post_one_recv(
+    post: Option<PostRecv>,
+    target: *mut c_void,
+    (wr_id, addr, len, lkey): (u64, u64, u32, u32),
+    device: &str,
+    call: &'static str,
+) -> Result<(), VerbsUnavailable> {
+    let post = post.ok_or(VerbsUnavailable::MissingSymbol(call))?;
+    let mut sge = IbvSge {
+        addr,
+        length: len,
+        lkey,
+    };
+    let mut wr = IbvRecvWr {
+        wr_id,
+        next: ptr::null_mut(),
+        sg_list: &mut sge,
+        num_sge: 1,
+    };
+    let mut bad = ptr::null_mut();
+    // SAFETY: a live QP or SRQ for `post`; the provider copies the request.
+    let rc = unsafe { post(target, &mut wr, &mut bad) };
+    if rc != 0 {
+        return Err(call_error(device, call, rc));
+    }
+    Ok(())
 }
 
 /// What a peer needs to connect to a queue pair (sent out of band).
@@ -769,27 +787,15 @@ impl RcQp {
         len: u32,
         lkey: u32,
     ) -> Result<(), VerbsUnavailable> {
-        let mut sge = IbvSge {
-            addr,
-            length: len,
-            lkey,
-        };
-        let mut wr = IbvRecvWr {
-            wr_id,
-            next: ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-        };
-        let mut bad = ptr::null_mut();
         // SAFETY: the provider's ops table of a live context.
-        let post = unsafe { (*self.context()).ops.post_recv }
-            .ok_or(VerbsUnavailable::MissingSymbol("ops.post_recv"))?;
-        // SAFETY: a live QP; the work request is copied by the provider.
-        let rc = unsafe { post(self.qp.as_ptr().cast(), &mut wr, &mut bad) };
-        if rc != 0 {
-            return Err(call_error(&self.device, "ibv_post_recv", rc));
-        }
-        Ok(())
+        let post = unsafe { (*self.context()).ops.post_recv };
+        post_one_recv(
+            post,
+            self.qp.as_ptr().cast(),
+            (wr_id, addr, len, lkey),
+            &self.device,
+            "ibv_post_recv",
+        )
     }
 
     /// Posts a signaled `opcode` (WR_SEND, WR_RDMA_READ, WR_RDMA_WRITE) of
