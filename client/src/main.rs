@@ -210,11 +210,6 @@ fn main() -> anyhow::Result<()> {
                 },
         } => {
             let opts = fabric.options();
-            if opts.transport == Transport::Verbs {
-                anyhow::bail!(
-                    "fabric serve runs over TCP only for now (verbs needs the out-of-band setup, issue 4)"
-                );
-            }
             let server = EchoServer::start(&opts, listen, max_size, window)?;
             eprintln!("quiver fabric: echo server listening on {}", server.addr);
             server.wait();

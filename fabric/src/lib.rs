@@ -7,9 +7,11 @@
 //! - [`proto`]: one connection's protocol (framing, credits, eager/rendezvous,
 //!   RPC matching) as a sans-IO state machine.
 //! - [`rpc`]: typed request/response methods over those RPCs.
-//! - [`verbs`]: RDMA device discovery (libibverbs loaded at run time).
-//! - [`worker`]: the progress engine that drives connections over a transport
-//!   backend (TCP today), runs handlers, and polls adaptively.
+//! - [`verbs`]: RDMA over libibverbs loaded at run time: discovery, RC queue
+//!   pairs, and the worker's port (registration, CQ, shared receive queue).
+//! - [`transport`]: the per-endpoint choice between verbs and TCP.
+//! - [`worker`]: the progress engine that drives connections over verbs or
+//!   TCP, runs handlers, and polls adaptively.
 //!
 //! The fabric knows nothing of Raft, chunks or volumes: it moves messages.
 
@@ -19,6 +21,7 @@ pub mod echo;
 pub mod proto;
 pub mod rpc;
 mod slab;
+pub mod transport;
 pub mod verbs;
 pub mod wire;
 pub mod worker;
@@ -26,6 +29,8 @@ pub mod worker;
 pub use proto::{
     AmData, AmMessage, ConnConfig, Payload, RpcError, RpcId, RpcReply, SendError, SendId,
 };
+pub use transport::TransportChoice;
 pub use worker::{
-    AmContext, AmHandler, Completion, EndpointId, Worker, WorkerConfig, WorkerError, WorkerWaker,
+    AmContext, AmHandler, Completion, EndpointId, EndpointTransport, Worker, WorkerConfig,
+    WorkerError, WorkerWaker,
 };

@@ -435,6 +435,9 @@ pub struct Connection {
     /// Events for the driver; `true` marks those whose frame costs a credit.
     events: VecDeque<(Event, bool)>,
     stats: ConnStats,
+    /// Remote key rendezvous offers carry when remote read is on (None: the
+    /// key the arena's placement records).
+    read_rkey: Option<u32>,
 }
 
 impl Connection {
@@ -475,6 +478,7 @@ impl Connection {
             next_send: 1,
             events: VecDeque::with_capacity(2 * credits),
             stats: ConnStats::default(),
+            read_rkey: None,
         };
         let hello = Hello {
             credits: config.credits,
@@ -491,6 +495,18 @@ impl Connection {
 
     pub fn config(&self) -> &ConnConfig {
         &self.config
+    }
+
+    /// Switches rendezvous to remote read, offering payloads under `rkey`:
+    /// for a driver that learns its transport after the connection exists
+    /// (the worker's transport exchange). Only before any frame arrived.
+    pub fn enable_remote_read(&mut self, rkey: u32) {
+        assert!(
+            matches!(self.state, State::AwaitingHello),
+            "remote read enabled after the hello"
+        );
+        self.config.remote_read = true;
+        self.read_rkey = Some(rkey);
     }
 
     pub fn stats(&self) -> ConnStats {
@@ -698,7 +714,10 @@ impl Connection {
             Payload::None => unreachable!("an empty payload always fits eager"),
         };
         if self.config.remote_read {
-            let Some((_, rkey)) = buf.placement().rdma_keys else {
+            let Some(rkey) = self
+                .read_rkey
+                .or(buf.placement().rdma_keys.map(|(_, rkey)| rkey))
+            else {
                 return Err(SendError::NoMemory(
                     "a remote-read rendezvous payload must be in RDMA-registered memory".into(),
                 ));

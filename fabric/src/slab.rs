@@ -42,6 +42,14 @@ impl<T> Slab<T> {
         key(1, index)
     }
 
+    pub(crate) fn get(&self, key: u64) -> Option<&T> {
+        let (generation, index) = split(key);
+        match self.entries.get(index as usize) {
+            Some(e) if e.generation == generation => e.value.as_ref(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut T> {
         let (generation, index) = split(key);
         match self.entries.get_mut(index as usize) {

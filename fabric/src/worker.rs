@@ -5,10 +5,16 @@
 //! `wait_*`, `run`); nothing inside spawns threads. Polling policy: after any
 //! work the worker keeps polling without sleeping for `spin` (a loopback round
 //! trip fits inside it, so a busy connection never pays a wake-up); after that
-//! it sleeps in `epoll_wait` until a socket, a timer or a [`WorkerWaker`] wakes it,
-//! so an idle worker costs no CPU.
+//! it arms its completion queue (with verbs) and sleeps in `epoll_wait` until a
+//! socket, a completion, a timer or a [`WorkerWaker`] wakes it, so an idle
+//! worker costs no CPU.
+//!
+//! Transports: every endpoint starts as a TCP connection whose first bytes
+//! choose its transport ([`crate::transport`]): verbs RDMA when both sides
+//! have a device (the worker's [`VerbsPort`]: one registration of the arena,
+//! one CQ, one shared receive queue), TCP otherwise, decided per endpoint.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +29,9 @@ use crate::proto::{
     RpcError, RpcId, RpcReply, SendError, SendId,
 };
 use crate::slab::Slab;
+use crate::transport::{Negotiation, Outcome, Step, TransportChoice};
+use crate::verbs::port::{self, QpPath, VerbsConfig, VerbsPort};
+use crate::verbs::rc::Completion as WorkCompletion;
 
 /// iovecs gathered per writev: enough for 32 frames with bodies.
 const IOVECS_PER_WRITE_MAX: usize = 64;
@@ -38,6 +47,10 @@ const ACCEPTS_PER_PROGRESS_MAX: usize = 64;
 const WAKER_TOKEN: Token = Token(usize::MAX);
 /// Listener tokens count down from here; endpoint tokens are slab keys, far below.
 const LISTENER_TOKEN_BASE: usize = usize::MAX - 1;
+/// Token of the verbs completion channel (below the listeners' range).
+const VERBS_TOKEN: Token = Token(LISTENER_TOKEN_BASE - 64);
+/// CQ polls per progress round, so receives cannot starve sockets.
+const CQ_POLLS_PER_PROGRESS_MAX: usize = 8;
 /// A spinning worker with at most this many endpoints polls their sockets directly.
 const DIRECT_POLL_ENDPOINTS_MAX: usize = 4;
 /// ...and still runs epoll once in this many rounds.
@@ -48,8 +61,12 @@ const MEMORY_RETRY: Duration = Duration::from_millis(1);
 pub const NO_HANDLER: u32 = 0xffff_0001;
 
 /// Settings of a worker.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// Which transport endpoints use (see [`crate::transport`]).
+    pub transport: TransportChoice,
+    /// The verbs port, when the transport allows verbs.
+    pub verbs: VerbsConfig,
     pub conn: ConnConfig,
     /// How long to keep polling without sleeping after the last work done.
     pub spin: Duration,
@@ -66,6 +83,8 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
+            transport: TransportChoice::Auto,
+            verbs: VerbsConfig::default(),
             conn: ConnConfig::default(),
             spin: Duration::from_micros(200),
             am_ids_max: 256,
@@ -119,6 +138,8 @@ pub enum WorkerError {
     Closed(CloseReason),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("transport verbs: {0}")]
+    Verbs(crate::verbs::VerbsUnavailable),
     #[error(transparent)]
     Send(#[from] SendError),
 }
@@ -223,8 +244,31 @@ impl AmContext<'_> {
     }
 }
 
+/// How an endpoint's frames travel.
+enum Path {
+    /// The transport exchange is running on the socket; `qp` is this side's
+    /// queue pair when it offered verbs.
+    Negotiating {
+        exchange: Box<Negotiation>,
+        qp: Option<QpPath>,
+    },
+    Tcp,
+    /// Frames over the queue pair; the socket stays open, silent, to notice
+    /// the peer's end.
+    Verbs(QpPath),
+}
+
+/// The transport an endpoint runs over, as reported to users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointTransport {
+    Negotiating,
+    Tcp,
+    Verbs,
+}
+
 struct Endpoint {
     conn: Connection,
+    path: Path,
     sock: TcpStream,
     peer: SocketAddr,
     /// Edge-triggered readiness not yet drained.
@@ -276,6 +320,13 @@ pub struct Worker {
     /// A read found no arena buffer in the last round (retry on a timer).
     memory_blocked: bool,
     stats: WorkerStats,
+    /// Endpoint of each live queue pair number.
+    qpns: HashMap<u32, u64>,
+    work_completions: Vec<WorkCompletion>,
+    /// Why this worker offers no verbs, when it does not.
+    no_verbs_reason: String,
+    /// Last, so every endpoint's queue pair is dropped before it.
+    verbs: Option<VerbsPort>,
 }
 
 impl Worker {
@@ -291,8 +342,32 @@ impl Worker {
         let poll = Poll::new().map_err(|e| WorkerError::Config(format!("epoll: {e}")))?;
         let waker = mio::Waker::new(poll.registry(), WAKER_TOKEN)
             .map_err(|e| WorkerError::Config(format!("eventfd: {e}")))?;
+        let (verbs, no_verbs_reason) = match config.transport {
+            TransportChoice::Tcp => (None, "this side's transport is tcp".to_string()),
+            choice => match VerbsPort::open(&arena, config.conn, &config.verbs) {
+                Ok(port) => {
+                    let fd = port.fd();
+                    poll.registry()
+                        .register(
+                            &mut mio::unix::SourceFd(&fd),
+                            VERBS_TOKEN,
+                            Interest::READABLE,
+                        )
+                        .map_err(|e| {
+                            WorkerError::Config(format!("epoll add of the CQ channel: {e}"))
+                        })?;
+                    (Some(port), String::new())
+                }
+                Err(e) if choice == TransportChoice::Verbs => return Err(WorkerError::Verbs(e)),
+                Err(e) => {
+                    tracing::info!(reason = %e, "no RDMA on this side; endpoints use TCP");
+                    (None, format!("no RDMA on this side: {e}"))
+                }
+            },
+        };
         Ok(Worker {
             arena,
+            handlers: (0..config.am_ids_max).map(|_| None).collect(),
             config,
             poll,
             events: Events::with_capacity(POLL_EVENTS_MAX),
@@ -300,12 +375,32 @@ impl Worker {
             endpoints: Slab::with_capacity(16),
             live: Vec::with_capacity(16),
             listeners: Vec::new(),
-            handlers: (0..config.am_ids_max).map(|_| None).collect(),
             completions: VecDeque::with_capacity(1024),
             last_work: Instant::now(),
             polls: 0,
             memory_blocked: false,
             stats: WorkerStats::default(),
+            qpns: HashMap::new(),
+            work_completions: Vec::with_capacity(32),
+            no_verbs_reason,
+            verbs,
+        })
+    }
+
+    /// The RDMA device endpoints may use, or why there is none.
+    pub fn verbs_device(&self) -> Result<&str, &str> {
+        match &self.verbs {
+            Some(port) => Ok(port.device_name()),
+            None => Err(&self.no_verbs_reason),
+        }
+    }
+
+    /// Which transport an endpoint runs over.
+    pub fn endpoint_transport(&self, ep: EndpointId) -> Option<EndpointTransport> {
+        self.endpoints.get(ep.0).map(|e| match e.path {
+            Path::Negotiating { .. } => EndpointTransport::Negotiating,
+            Path::Tcp => EndpointTransport::Tcp,
+            Path::Verbs(_) => EndpointTransport::Verbs,
         })
     }
 
@@ -400,8 +495,24 @@ impl Worker {
             set_send_buffer(&sock, bytes)?;
         }
         let conn = Connection::new(self.arena.clone(), self.config.conn);
+        let (local, qp) = match self.verbs.as_mut() {
+            None => (Err(self.no_verbs_reason.clone()), None),
+            Some(port) => match port.new_qp() {
+                Ok((qp, offer)) => (Ok(offer), Some(qp)),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "no queue pair for this endpoint");
+                    (
+                        Err(format!("this side could not create a queue pair ({e})")),
+                        None,
+                    )
+                }
+            },
+        };
+        let exchange = Box::new(Negotiation::new(self.config.transport, local));
+        let qpn = qp.as_ref().map(QpPath::qpn);
         let key = self.endpoints.insert(Endpoint {
             conn,
+            path: Path::Negotiating { exchange, qp },
             sock,
             peer,
             readable: true,
@@ -415,8 +526,19 @@ impl Worker {
             .registry()
             .register(&mut ep.sock, Token(key as usize), interest)
         {
-            self.endpoints.remove(key);
+            if let Some(Endpoint {
+                path: Path::Negotiating { qp: Some(qp), .. },
+                ..
+            }) = self.endpoints.remove(key).as_mut()
+            {
+                retire_qp(self.verbs.as_mut(), qp);
+            }
             return Err(e);
+        }
+        if let Some(qpn) = qpn {
+            // Known from the start: the peer may send on it before this side
+            // has read the peer's ready byte.
+            self.qpns.insert(qpn, key);
         }
         self.live.push(key);
         self.flush(key);
@@ -576,10 +698,25 @@ impl Worker {
         earliest.map(|t| t.saturating_duration_since(now))
     }
 
-    fn progress_once(&mut self, timeout: Option<Duration>) -> usize {
+    fn progress_once(&mut self, mut timeout: Option<Duration>) -> usize {
         let mut work = 0;
         self.memory_blocked = false;
         self.polls = self.polls.wrapping_add(1);
+        if timeout != Some(Duration::ZERO) {
+            if let Some(port) = self.verbs.as_mut() {
+                // About to sleep: arm, then poll once more, as a completion
+                // between the last poll and the arming raises no event.
+                if let Err(e) = port.arm() {
+                    tracing::error!(error = %e, "arming the completion queue failed");
+                    timeout = Some(MEMORY_RETRY);
+                }
+                let found = self.poll_verbs(Instant::now());
+                if found > 0 {
+                    work += found;
+                    timeout = Some(Duration::ZERO);
+                }
+            }
+        }
         let spinning = timeout == Some(Duration::ZERO);
         if spinning
             && self.live.len() <= DIRECT_POLL_ENDPOINTS_MAX
@@ -591,7 +728,9 @@ impl Worker {
             // epoll still runs, for listeners, the waker and writability.
             for &key in &self.live {
                 if let Some(e) = self.endpoints.get_mut(key) {
-                    e.readable = true;
+                    // A verbs endpoint's socket only ever reports its end:
+                    // epoll's turn notices that; its frames come from the CQ.
+                    e.readable |= !matches!(e.path, Path::Verbs(_));
                     // Same for a blocked writer: try instead of waiting for the edge.
                     e.writable |= e.conn.wants_transmit();
                 }
@@ -607,6 +746,10 @@ impl Worker {
             let token = event.token();
             if token == WAKER_TOKEN {
                 work += 1;
+            } else if token == VERBS_TOKEN {
+                if let Some(port) = self.verbs.as_mut() {
+                    port.take_event();
+                }
             } else if token.0 > LISTENER_TOKEN_BASE - 64 {
                 accept_from |= 1 << (LISTENER_TOKEN_BASE - token.0);
             } else if let Some(e) = self.endpoints.get_mut(token.0 as u64) {
@@ -620,8 +763,19 @@ impl Worker {
             }
         }
         let now = Instant::now();
+        work += self.poll_verbs(now);
         for i in 0..self.live.len() {
             let key = self.live[i];
+            if let Some(Endpoint {
+                path: Path::Verbs(qp),
+                ..
+            }) = self.endpoints.get_mut(key)
+            {
+                if !qp.pending.is_empty() {
+                    // Receives held back while the arena was exhausted.
+                    self.deliver_verbs(key, now);
+                }
+            }
             work += self.read(key, now);
             if let Some(e) = self.endpoints.get_mut(key) {
                 if e.conn.poll_timeout().is_some_and(|t| t <= now) {
@@ -658,14 +812,152 @@ impl Worker {
         accepted
     }
 
-    /// Reads what the socket has, feeding the connection. Returns reads done.
+    /// Reads what the socket has: the transport exchange's bytes, then the
+    /// frame stream (TCP) or, on a verbs endpoint, only the socket's end.
+    /// Returns reads done.
     fn read(&mut self, key: u64, now: Instant) -> usize {
+        let mut reads = 0;
         let Some(e) = self.endpoints.get_mut(key) else {
             return 0;
         };
-        if !e.readable || e.dead {
-            return 0;
+        if matches!(e.path, Path::Negotiating { .. }) {
+            reads += self.read_exchange(key);
         }
+        let Some(e) = self.endpoints.get_mut(key) else {
+            return reads;
+        };
+        if !e.readable || e.dead {
+            return reads;
+        }
+        match e.path {
+            Path::Negotiating { .. } => reads,
+            Path::Verbs(_) => reads + read_verbs_socket(e),
+            Path::Tcp => reads + self.read_stream(key, now),
+        }
+    }
+
+    /// Reads the peer's side of the transport exchange, never past it.
+    fn read_exchange(&mut self, key: u64) -> usize {
+        let mut reads = 0;
+        if let Some(e) = self.endpoints.get_mut(key) {
+            while e.readable && !e.dead {
+                let Path::Negotiating { exchange, .. } = &mut e.path else {
+                    break;
+                };
+                let space = exchange.recv_space();
+                if space.is_empty() {
+                    break;
+                }
+                match e.sock.read(space) {
+                    Ok(0) => {
+                        e.dead = true;
+                        e.conn.handle_disconnect(CloseReason::Transport(
+                            "the peer closed the connection during the transport exchange".into(),
+                        ));
+                    }
+                    Ok(n) => {
+                        reads += 1;
+                        if let Err(err) = exchange.handle_recv(n) {
+                            tracing::warn!(peer = %e.peer, error = %err, "closing a connection that broke the transport exchange");
+                            self.stats.closed_bad_frames += 1;
+                            e.dead = true;
+                            e.conn
+                                .handle_disconnect(CloseReason::Transport(err.to_string()));
+                        }
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => e.readable = false,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => {
+                        e.dead = true;
+                        e.conn
+                            .handle_disconnect(CloseReason::Transport(err.to_string()));
+                    }
+                }
+            }
+        }
+        self.advance_exchange(key);
+        reads
+    }
+
+    /// Writes the exchange's bytes and acts on its steps until it waits or ends.
+    fn advance_exchange(&mut self, key: u64) {
+        loop {
+            let Some(e) = self.endpoints.get_mut(key) else {
+                return;
+            };
+            let Path::Negotiating { exchange, qp } = &mut e.path else {
+                return;
+            };
+            while e.writable && !e.dead && !exchange.to_send().is_empty() {
+                match e.sock.write(exchange.to_send()) {
+                    Ok(n) => exchange.handle_sent(n),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => e.writable = false,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => {
+                        e.dead = true;
+                        e.conn
+                            .handle_disconnect(CloseReason::Transport(err.to_string()));
+                    }
+                }
+            }
+            if e.dead {
+                return;
+            }
+            match exchange.poll() {
+                Step::Wait => return,
+                Step::ConnectQp(peer) => {
+                    let port = self.verbs.as_ref().expect("a queue pair implies a port");
+                    let qp = qp.as_mut().expect("a verbs offer implies a queue pair");
+                    let ok = match qp.connect(port.mtu(), &peer) {
+                        Ok(()) => true,
+                        Err(err) => {
+                            tracing::warn!(peer = %e.peer, error = %err, "connecting the queue pair failed");
+                            false
+                        }
+                    };
+                    exchange.qp_connected(ok);
+                }
+                Step::Done(outcome) => {
+                    let Path::Negotiating { qp, .. } = std::mem::replace(&mut e.path, Path::Tcp)
+                    else {
+                        unreachable!("matched above");
+                    };
+                    match outcome {
+                        Outcome::Verbs(peer) => {
+                            let qp = qp.expect("a verbs outcome implies a queue pair");
+                            let port = self.verbs.as_ref().expect("and a port");
+                            e.conn.enable_remote_read(port.rkey());
+                            tracing::info!(peer = %e.peer, device = port.device_name(), qpn = qp.qpn(), peer_qpn = peer.qpn, "endpoint over verbs");
+                            e.path = Path::Verbs(qp);
+                        }
+                        Outcome::Tcp(reason) => {
+                            if let Some(mut qp) = qp {
+                                self.qpns.remove(&qp.qpn());
+                                retire_qp(self.verbs.as_mut(), &mut qp);
+                            }
+                            tracing::info!(peer = %e.peer, %reason, "endpoint over TCP");
+                        }
+                        Outcome::Refused(reason) => {
+                            if let Some(mut qp) = qp {
+                                self.qpns.remove(&qp.qpn());
+                                retire_qp(self.verbs.as_mut(), &mut qp);
+                            }
+                            tracing::warn!(peer = %e.peer, %reason, "endpoint refused");
+                            e.dead = true;
+                            e.conn.handle_disconnect(CloseReason::Transport(reason));
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads the frame stream of a TCP endpoint, feeding the connection.
+    fn read_stream(&mut self, key: u64, now: Instant) -> usize {
+        let Some(e) = self.endpoints.get_mut(key) else {
+            return 0;
+        };
         let mut reads = 0;
         for _ in 0..READS_PER_PROGRESS_MAX {
             let Some(space) = e.conn.recv_space() else {
@@ -720,8 +1012,38 @@ impl Worker {
         reads
     }
 
-    /// Writes what the connection has queued, as far as the socket takes it.
+    /// Sends what the endpoint has queued, on whichever path it has.
     fn flush(&mut self, key: u64) {
+        let Some(e) = self.endpoints.get_mut(key) else {
+            return;
+        };
+        match &mut e.path {
+            Path::Negotiating { .. } => self.advance_exchange(key),
+            Path::Tcp => self.flush_stream(key),
+            Path::Verbs(qp) => {
+                if e.dead {
+                    return;
+                }
+                let lkey = self
+                    .verbs
+                    .as_ref()
+                    .expect("a verbs endpoint implies a port")
+                    .lkey();
+                if let Err(err) = qp.transmit(&mut e.conn, lkey) {
+                    e.dead = true;
+                    e.conn.handle_disconnect(CloseReason::Transport(format!(
+                        "posting a SEND failed: {err}"
+                    )));
+                } else if e.conn.is_closed() && !e.conn.wants_transmit() && qp.quiet() {
+                    // The Close frame has landed at the peer: now end the socket.
+                    let _ = e.sock.shutdown(std::net::Shutdown::Write);
+                }
+            }
+        }
+    }
+
+    /// Writes what a TCP connection has queued, as far as the socket takes it.
+    fn flush_stream(&mut self, key: u64) {
         let Some(e) = self.endpoints.get_mut(key) else {
             return;
         };
@@ -789,10 +1111,30 @@ impl Worker {
                         .push_back(Completion::Closed { ep, reason });
                 }
                 Event::Am(message) => self.run_handler(ep, message),
-                Event::ReadRequest { slot, .. } => {
-                    // TCP connections never enable remote read; fail it cleanly.
-                    tracing::error!(slot, "remote-read request on a TCP endpoint");
-                    if let Some(e) = self.endpoints.get_mut(key) {
+                Event::ReadRequest {
+                    slot,
+                    remote_addr,
+                    rkey,
+                    len,
+                } => {
+                    let Some(e) = self.endpoints.get_mut(key) else {
+                        continue;
+                    };
+                    let Path::Verbs(qp) = &mut e.path else {
+                        // Only verbs endpoints enable remote read; fail it cleanly.
+                        tracing::error!(slot, "remote-read request on a TCP endpoint");
+                        e.conn.handle_read_done(slot, false);
+                        continue;
+                    };
+                    let lkey = self
+                        .verbs
+                        .as_ref()
+                        .expect("a verbs endpoint implies a port")
+                        .lkey();
+                    if let Err(err) =
+                        qp.post_read(&mut e.conn, slot, (remote_addr, rkey, len), lkey)
+                    {
+                        tracing::warn!(peer = %e.peer, error = %err, "posting an RDMA READ failed");
                         e.conn.handle_read_done(slot, false);
                     }
                 }
@@ -840,9 +1182,14 @@ impl Worker {
     }
 
     /// Drops endpoints whose transport is gone and whose events are drained.
+    /// A queue pair goes only once nothing of it is outstanding (a dead one is
+    /// moved to the error state first, which flushes its work requests), so no
+    /// completion arrives for a queue pair number that may be reused.
     fn reap(&mut self) {
         let endpoints = &mut self.endpoints;
         let registry = self.poll.registry();
+        let qpns = &mut self.qpns;
+        let mut verbs = self.verbs.as_mut();
         self.live.retain(|&key| {
             let Some(e) = endpoints.get_mut(key) else {
                 return false;
@@ -854,10 +1201,214 @@ impl Worker {
             if e.conn.has_events() {
                 return true;
             }
+            if let Path::Verbs(qp) = &mut e.path {
+                if !qp.quiet() {
+                    if e.dead {
+                        qp.flush_outstanding();
+                    }
+                    return true;
+                }
+            }
+            if let Path::Verbs(qp) | Path::Negotiating { qp: Some(qp), .. } = &mut e.path {
+                qpns.remove(&qp.qpn());
+                retire_qp(verbs.as_deref_mut(), qp);
+            }
             let _ = registry.deregister(&mut e.sock);
             endpoints.remove(key);
             false
         });
+    }
+
+    /// Takes the completion queue's work: receives into their connections,
+    /// finished SENDs and READs, failures as disconnects. Returns completions.
+    fn poll_verbs(&mut self, now: Instant) -> usize {
+        let mut work = 0;
+        let mut wcs = std::mem::take(&mut self.work_completions);
+        for _ in 0..CQ_POLLS_PER_PROGRESS_MAX {
+            let Some(port) = self.verbs.as_mut() else {
+                break;
+            };
+            match port.poll(&mut wcs) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "polling the completion queue failed");
+                    break;
+                }
+            }
+            for wc in &wcs {
+                work += 1;
+                self.complete(*wc, now);
+            }
+        }
+        self.work_completions = wcs;
+        work
+    }
+
+    fn complete(&mut self, wc: WorkCompletion, now: Instant) {
+        let (kind, index) = port::split_wr_id(wc.wr_id);
+        let key = self.qpns.get(&wc.qp_num).copied();
+        let what = match kind {
+            port::KIND_RECV => {
+                let index = index as usize;
+                // A receive for an endpoint still in its exchange waits there
+                // until the endpoint runs over verbs.
+                let queued = match (key, wc.status) {
+                    (Some(key), 0) => match self.endpoints.get_mut(key) {
+                        Some(Endpoint {
+                            path: Path::Verbs(qp) | Path::Negotiating { qp: Some(qp), .. },
+                            dead: false,
+                            ..
+                        }) => {
+                            qp.pending.push_back((index, 0, wc.byte_len as usize));
+                            true
+                        }
+                        _ => false,
+                    },
+                    _ => false,
+                };
+                if queued {
+                    self.deliver_verbs(key.expect("queued"), now);
+                } else if let Some(port) = self.verbs.as_mut() {
+                    if let Err(err) = port.post_recv(index) {
+                        tracing::error!(error = %err, "re-posting a shared receive failed");
+                    }
+                }
+                "receive"
+            }
+            port::KIND_SEND | port::KIND_READ => {
+                if let Some(Endpoint {
+                    path: Path::Verbs(qp),
+                    conn,
+                    ..
+                }) = key.and_then(|k| self.endpoints.get_mut(k))
+                {
+                    if kind == port::KIND_SEND {
+                        qp.send_done(index as usize);
+                    } else {
+                        qp.read_done();
+                        conn.handle_read_done(index, wc.status == 0);
+                    }
+                }
+                if kind == port::KIND_SEND {
+                    "SEND"
+                } else {
+                    "RDMA READ"
+                }
+            }
+            other => {
+                tracing::error!(
+                    kind = other,
+                    wr_id = wc.wr_id,
+                    "completion of an unknown work request"
+                );
+                return;
+            }
+        };
+        if wc.status != 0 {
+            if let Some(e) = key.and_then(|k| self.endpoints.get_mut(k)) {
+                if !e.dead {
+                    let status = port::wc_status_name(wc.status);
+                    tracing::warn!(peer = %e.peer, status, what, "RDMA work request failed; closing the endpoint");
+                    e.dead = true;
+                    e.conn.handle_disconnect(CloseReason::Transport(format!(
+                        "RDMA {what} failed: {status}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Feeds an endpoint's received SENDs to its connection, in order; stops
+    /// (keeping them) while the arena has no receive buffer, like a TCP
+    /// endpoint leaving bytes in the kernel.
+    fn deliver_verbs(&mut self, key: u64, now: Instant) {
+        let Some(e) = self.endpoints.get_mut(key) else {
+            return;
+        };
+        let Path::Verbs(qp) = &mut e.path else {
+            return;
+        };
+        let port = self
+            .verbs
+            .as_mut()
+            .expect("a verbs endpoint implies a port");
+        while let Some(&(index, offset, len)) = qp.pending.front() {
+            let mut offset = offset;
+            while offset < len && !e.dead && !e.conn.is_closed() {
+                let Some(space) = e.conn.recv_space() else {
+                    tracing::debug!(peer = %e.peer, "arena exhausted; receive paused");
+                    self.memory_blocked = true;
+                    qp.pending[0].1 = offset;
+                    return;
+                };
+                let n = space.len().min(len - offset);
+                space[..n].copy_from_slice(&port.received(index, len)[offset..offset + n]);
+                offset += n;
+                if let Err(err) = e.conn.handle_recv(now, n) {
+                    tracing::warn!(peer = %e.peer, error = %err, "closing a connection that broke the protocol");
+                    self.stats.closed_bad_frames += 1;
+                    break;
+                }
+            }
+            qp.pending.pop_front();
+            if let Err(err) = port.post_recv(index) {
+                tracing::error!(error = %err, "re-posting a shared receive failed");
+            }
+        }
+    }
+}
+
+/// Gives a queue pair's resources back to the port: its completion-queue
+/// share and the shared receives it had not delivered.
+fn retire_qp(port: Option<&mut VerbsPort>, qp: &mut QpPath) {
+    let Some(port) = port else {
+        return;
+    };
+    port.release_qp(qp);
+    for (index, _, _) in qp.pending.drain(..) {
+        if let Err(err) = port.post_recv(index) {
+            tracing::error!(error = %err, "re-posting a shared receive failed");
+        }
+    }
+}
+
+/// A verbs endpoint's socket carries nothing after the exchange: read only to
+/// notice its end (or a peer breaking that rule).
+fn read_verbs_socket(e: &mut Endpoint) -> usize {
+    let mut scratch = [0u8; 64];
+    loop {
+        match e.sock.read(&mut scratch) {
+            Ok(0) => {
+                e.dead = true;
+                let reason = if e.conn.is_closed() {
+                    "closed"
+                } else {
+                    "peer closed the connection"
+                };
+                e.conn
+                    .handle_disconnect(CloseReason::Transport(reason.into()));
+                return 1;
+            }
+            Ok(_) => {
+                e.dead = true;
+                e.conn.handle_disconnect(CloseReason::Transport(
+                    "bytes on the TCP socket of a verbs endpoint".into(),
+                ));
+                return 1;
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                e.readable = false;
+                return 0;
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                e.dead = true;
+                e.conn
+                    .handle_disconnect(CloseReason::Transport(err.to_string()));
+                return 1;
+            }
+        }
     }
 }
 

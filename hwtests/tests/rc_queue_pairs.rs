@@ -64,6 +64,7 @@ fn send_recv_read_and_write_between_two_queue_pairs() {
             qpn: b.qpn(),
             psn: 200,
             gid: dev.gid(),
+            mtu: 1024,
         },
     )
     .unwrap();
@@ -73,6 +74,7 @@ fn send_recv_read_and_write_between_two_queue_pairs() {
             qpn: a.qpn(),
             psn: 100,
             gid: dev.gid(),
+            mtu: 1024,
         },
     )
     .unwrap();
@@ -178,6 +180,7 @@ fn a_shared_receive_queue_and_a_sleeping_completion_channel() {
                 qpn: r.qpn(),
                 psn: 20,
                 gid,
+                mtu: 1024,
             },
         )
         .unwrap();
@@ -187,6 +190,7 @@ fn a_shared_receive_queue_and_a_sleeping_completion_channel() {
                 qpn: s.qpn(),
                 psn: 10,
                 gid,
+                mtu: 1024,
             },
         )
         .unwrap();

@@ -16,7 +16,10 @@ use anyhow::{bail, Context};
 use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 use quiver_fabric::echo::{echo_handler, ACK, ECHO, ECHO_AM_ID};
 use quiver_fabric::wire::{AM_HEADER_BYTES_MAX, HEADER_BYTES};
-use quiver_fabric::{Completion, ConnConfig, Payload, Worker, WorkerConfig, WorkerWaker};
+use quiver_fabric::{
+    Completion, ConnConfig, EndpointTransport, Payload, TransportChoice, Worker, WorkerConfig,
+    WorkerWaker,
+};
 
 use super::{Deadline, Limit, Mode, RunStats, Workload};
 
@@ -32,34 +35,12 @@ pub enum Transport {
     Auto,
 }
 
-/// The transport a run uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Chosen {
-    Tcp,
-    /// The fabric protocol over RC queue pairs on this device and port.
-    Verbs {
-        device: String,
-        port: u8,
-        gid_index: u8,
-    },
-}
-
-impl Chosen {
-    pub fn name(&self) -> &'static str {
+impl Transport {
+    fn choice(self) -> TransportChoice {
         match self {
-            Chosen::Tcp => "tcp",
-            Chosen::Verbs { .. } => "verbs",
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Chosen::Tcp => "tcp".into(),
-            Chosen::Verbs {
-                device,
-                port,
-                gid_index,
-            } => format!("{device} port {port} gid index {gid_index}"),
+            Transport::Tcp => TransportChoice::Tcp,
+            Transport::Verbs => TransportChoice::Verbs,
+            Transport::Auto => TransportChoice::Auto,
         }
     }
 }
@@ -75,41 +56,6 @@ pub struct FabricOptions {
 }
 
 impl FabricOptions {
-    /// The transport that will carry traffic to `connect` (None: a server in
-    /// this process), or why none can. Verbs needs a server in this process
-    /// for now: the out-of-band setup over TCP with a remote peer is not built.
-    pub fn resolve_transport(&self, connect: Option<SocketAddr>) -> anyhow::Result<Chosen> {
-        let verbs = || -> Result<Chosen, String> {
-            if connect.is_some() {
-                return Err("verbs with --connect needs the out-of-band setup (issue 4)".into());
-            }
-            let (device, port) = quiver_fabric::verbs::usable_port().map_err(|e| e.to_string())?;
-            let gid_index = port
-                .preferred_gid_index()
-                .ok_or("the active port has no GID")?;
-            Ok(Chosen::Verbs {
-                device,
-                port: port.port,
-                gid_index: gid_index as u8,
-            })
-        };
-        match self.transport {
-            Transport::Tcp => Ok(Chosen::Tcp),
-            Transport::Auto => match verbs() {
-                Ok(chosen) => {
-                    eprintln!("transport auto: verbs ({})", chosen.describe());
-                    Ok(chosen)
-                }
-                Err(why) => {
-                    tracing::info!(%why, "transport auto: using TCP");
-                    eprintln!("transport auto: TCP ({why})");
-                    Ok(Chosen::Tcp)
-                }
-            },
-            Transport::Verbs => verbs().map_err(|why| anyhow::anyhow!("--transport verbs: {why}")),
-        }
-    }
-
     /// Worker settings that carry messages of up to `message_bytes` bytes.
     fn worker_config(&self, message_bytes: usize) -> WorkerConfig {
         let conn = ConnConfig {
@@ -122,6 +68,7 @@ impl FabricOptions {
             ..ConnConfig::default()
         };
         WorkerConfig {
+            transport: self.transport.choice(),
             conn,
             spin: self.spin,
             ..WorkerConfig::default()
@@ -140,9 +87,11 @@ impl FabricOptions {
                 buf_bytes: 4 << 10,
                 count: 1024,
             },
+            // Eager payloads, and with verbs the shared receives and the
+            // endpoints' staging buffers.
             SizeClass {
                 buf_bytes: 64 << 10,
-                count: 256,
+                count: 512,
             },
         ];
         if rx_chunk > 64 << 10 {
@@ -231,16 +180,6 @@ pub fn run(
     opts: &FabricOptions,
     connect: Option<SocketAddr>,
 ) -> anyhow::Result<RunStats> {
-    let chosen = opts.resolve_transport(connect)?;
-    if let Chosen::Verbs {
-        device,
-        port,
-        gid_index,
-    } = &chosen
-    {
-        return run_verbs(w, opts, device, *port, *gid_index);
-    }
-    let transport = chosen.name();
     let window = w.in_flight();
     let _server;
     let addr = match connect {
@@ -260,6 +199,19 @@ pub fn run(
     let ep = worker
         .connect_wait(addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to the fabric server at {addr}"))?;
+    let transport = match worker.endpoint_transport(ep) {
+        Some(EndpointTransport::Verbs) => "verbs",
+        _ => "tcp",
+    };
+    if opts.transport == Transport::Auto {
+        match worker.verbs_device() {
+            Ok(device) if transport == "verbs" => eprintln!("transport auto: verbs on {device}"),
+            Ok(device) => {
+                eprintln!("transport auto: TCP (this side has {device}; the server offers no RDMA)")
+            }
+            Err(why) => eprintln!("transport auto: TCP ({why})"),
+        }
+    }
     let header = [match w.mode {
         Mode::Pingpong => ECHO,
         Mode::Stream => ACK,
@@ -318,156 +270,5 @@ pub fn run(
         tracing::info!(?conn, worker = ?worker.stats(), "client connection counters");
     }
     worker.close(ep, "benchmark done");
-    Ok(stats)
-}
-
-/// Runs the workload over two `verbs::link`s on one device: the server on a
-/// thread of this process, the client here.
-fn run_verbs(
-    w: &Workload,
-    opts: &FabricOptions,
-    device: &str,
-    port: u8,
-    gid_index: u8,
-) -> anyhow::Result<RunStats> {
-    use quiver_fabric::proto::{AmData, Event};
-    use quiver_fabric::verbs::link::{recvs_posted, VerbsLink};
-    use quiver_fabric::verbs::rc::RcDevice;
-
-    let window = w.in_flight();
-    let config = opts.worker_config(w.size).conn;
-    let large = w
-        .size
-        .next_power_of_two()
-        .max(config.rx_chunk_bytes)
-        .max(1 << 20);
-    let arena = Arena::new(&ArenaConfig {
-        classes: vec![
-            SizeClass {
-                buf_bytes: 4 << 10,
-                count: 256,
-            },
-            // Link staging buffers and posted receives, both links.
-            SizeClass {
-                buf_bytes: 64 << 10,
-                count: 2 * (recvs_posted(&config) + 16) + 8,
-            },
-            SizeClass {
-                buf_bytes: config.rx_chunk_bytes,
-                count: 64,
-            },
-            SizeClass {
-                buf_bytes: 2 * large,
-                count: 2 * window + 8,
-            },
-        ],
-        huge_pages: true,
-    })
-    .context("mapping the arena")?;
-    let span = arena.region_span();
-    // SAFETY: the arena outlives the device (dropped after it, at the end).
-    let dev = unsafe { RcDevice::open(device, port, gid_index, span.addr, span.bytes) }
-        .with_context(|| format!("opening {device}"))?;
-    let (lkey, rkey) = dev.keys();
-    arena.set_rdma_keys(lkey, rkey);
-    let mut client = VerbsLink::new(&dev, &arena, config, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut server = VerbsLink::new(&dev, &arena, config, 2).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (ci, si) = (client.info(dev.gid()), server.info(dev.gid()));
-    client.connect(si).map_err(|e| anyhow::anyhow!("{e}"))?;
-    server.connect(ci).map_err(|e| anyhow::anyhow!("{e}"))?;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_server = Arc::clone(&stop);
-    let server_arena = arena.clone();
-    let server = std::thread::Builder::new()
-        .name("fabric-server".into())
-        .spawn(move || -> anyhow::Result<VerbsLink> {
-            while !stop_server.load(Ordering::Relaxed) {
-                server
-                    .progress(Instant::now())
-                    .map_err(|e| anyhow::anyhow!("server: {e}"))?;
-                while let Some(event) = server.poll_event() {
-                    let Event::Am(m) = event else { continue };
-                    let payload = match m.data {
-                        AmData::Eager(p) | AmData::Pulled(p) => p,
-                        AmData::Rendezvous(desc) => {
-                            match server_arena.alloc(desc.len()) {
-                                Ok(target) => server.conn().pull(desc, target)?,
-                                Err(_) => server.conn().reject(desc),
-                            }
-                            continue;
-                        }
-                        AmData::Aborted => continue,
-                    };
-                    let Some(reply_to) = m.reply_to else { continue };
-                    let (header, body) = quiver_fabric::echo::response(&m.header, payload);
-                    server.conn().reply(m.am_id, reply_to, header, body)?;
-                }
-            }
-            Ok(server)
-        })
-        .context("spawning the server thread")?;
-
-    let mut request = arena.alloc(w.size)?;
-    for (i, byte) in request.iter_mut().enumerate() {
-        *byte = i as u8;
-    }
-    let request = request.freeze();
-    let header = [match w.mode {
-        Mode::Pingpong => ECHO,
-        Mode::Stream => ACK,
-    }];
-    let expect = w.response_bytes();
-    let mut stats = RunStats::new("quiver", "verbs");
-    let result = (|| -> anyhow::Result<()> {
-        for (limit, record) in [(Limit::Iters(w.warmup), false), (w.limit, true)] {
-            let mut deadline = Deadline::start(limit);
-            let mut sent_at = HashMap::with_capacity(window);
-            loop {
-                while sent_at.len() < window && deadline.issue() {
-                    let sent = Instant::now();
-                    let id = client.conn().rpc_call(
-                        sent,
-                        ECHO_AM_ID,
-                        &header,
-                        Payload::Buf(request.clone()),
-                        RPC_TIMEOUT,
-                    )?;
-                    sent_at.insert(id, sent);
-                }
-                if sent_at.is_empty() {
-                    break;
-                }
-                client
-                    .progress(Instant::now())
-                    .map_err(|e| anyhow::anyhow!("client: {e}"))?;
-                while let Some(event) = client.poll_event() {
-                    if let Event::RpcDone { id, result } = event {
-                        let reply = result.context("echo RPC failed")?;
-                        let now = Instant::now();
-                        let sent = sent_at.remove(&id).context("a response nobody asked for")?;
-                        if reply.payload.len() != expect {
-                            bail!(
-                                "echo returned {} bytes, expected {expect}",
-                                reply.payload.len()
-                            );
-                        }
-                        if record {
-                            stats.record(sent, now, w.size);
-                        }
-                    }
-                }
-            }
-            stats.elapsed = deadline.elapsed();
-        }
-        Ok(())
-    })();
-    stop.store(true, Ordering::Relaxed);
-    let server = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("the server thread panicked"))?;
-    result?;
-    drop((client, server?));
-    drop(dev);
     Ok(stats)
 }

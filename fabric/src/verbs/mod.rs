@@ -6,18 +6,17 @@
 //! our own `repr(C)` copies of the few rdma-core structures and functions this
 //! module uses (rdma-core's `verbs.h`, ABI version 1.1 symbols).
 //!
-//! What is here today: listing devices, ports, their state and GIDs, so
-//! `quiver fabric devices` and `--transport auto` can say what they found and
-//! why they fall back; and [`rc`], RC queue pairs with SEND/RECV and RDMA
-//! READ/WRITE, tested in the soft-RoCE guest. The active-message backend over
-//! them (shared receive queue, credits, completion channels) is issue 4's
-//! remaining work.
+//! Here: listing devices, ports, their state and GIDs, so `quiver fabric
+//! devices` and `--transport auto` can say what they found and why they fall
+//! back; [`rc`], RC queue pairs with SEND/RECV and RDMA READ/WRITE, shared
+//! receive queues and completion channels; and [`port`], how a worker runs
+//! the fabric protocol over them.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::sync::OnceLock;
 
-pub mod link;
+pub mod port;
 pub mod rc;
 
 /// Why verbs cannot be used on this machine.

@@ -229,6 +229,7 @@ pub(super) const QPT_RC: u32 = 2;
 const QPS_INIT: u32 = 1;
 const QPS_RTR: u32 = 2;
 const QPS_RTS: u32 = 3;
+const QPS_ERR: u32 = 6;
 const QP_STATE: c_int = 1 << 0;
 const QP_ACCESS_FLAGS: c_int = 1 << 3;
 const QP_PKEY_INDEX: c_int = 1 << 4;
@@ -254,8 +255,21 @@ pub const WR_RDMA_READ: u32 = 4;
 /// `IBV_WR_RDMA_WRITE`
 pub const WR_RDMA_WRITE: u32 = 0;
 const SEND_SIGNALED: u32 = 2;
-/// `IBV_MTU_1024`: what soft-RoCE on a 1500-byte netdev offers.
-const MTU_1024: u32 = 3;
+/// `IBV_SEND_INLINE`: the provider copies the payload into the work request.
+const SEND_INLINE: u32 = 8;
+/// Bytes of inline data asked for at QP creation (the provider may give less).
+const INLINE_BYTES_WANTED: u32 = 256;
+
+/// `enum ibv_mtu` for a path MTU in bytes (256 to 4096; others round down).
+fn mtu_enum(bytes: u32) -> u32 {
+    match bytes {
+        4096.. => 5,
+        2048..=4095 => 4,
+        1024..=2047 => 3,
+        512..=1023 => 2,
+        _ => 1,
+    }
+}
 
 // --- a small safe layer ------------------------------------------------------
 
@@ -437,13 +451,19 @@ impl RcDevice {
                 max_recv_wr: depth,
                 max_send_sge: 1,
                 max_recv_sge: 1,
-                max_inline_data: 0,
+                max_inline_data: INLINE_BYTES_WANTED,
             },
             qp_type: QPT_RC,
             sq_sig_all: 0,
         };
         // SAFETY: a live PD and a valid attribute struct.
-        let qp = unsafe { (lib.create_qp)(self.pd.as_ptr(), &mut attr) };
+        let mut qp = unsafe { (lib.create_qp)(self.pd.as_ptr(), &mut attr) };
+        if qp.is_null() {
+            // A device without inline sends: ask again for none.
+            attr.cap.max_inline_data = 0;
+            // SAFETY: as above.
+            qp = unsafe { (lib.create_qp)(self.pd.as_ptr(), &mut attr) };
+        }
         let qp = NonNull::new(qp.cast::<IbvQpHead>())
             .ok_or_else(|| call_error(&self.name, "ibv_create_qp", 0))?;
         Ok(RcQp {
@@ -451,6 +471,8 @@ impl RcDevice {
             device: self.name.clone(),
             port: self.port,
             gid_index: self.gid_index,
+            // The provider wrote back what it granted.
+            max_inline: attr.cap.max_inline_data,
         })
     }
 }
@@ -684,6 +706,8 @@ pub struct QpInfo {
     pub qpn: u32,
     pub psn: u32,
     pub gid: Gid,
+    /// Path MTU in bytes: the smaller of both ports' active MTUs.
+    pub mtu: u32,
 }
 
 /// A reliable-connected queue pair.
@@ -692,6 +716,8 @@ pub struct RcQp {
     device: String,
     port: u8,
     gid_index: u8,
+    /// SENDs up to this many bytes go inline.
+    max_inline: u32,
 }
 
 // SAFETY: as for RcDevice.
@@ -734,7 +760,7 @@ impl RcQp {
         )?;
         let mut attr = IbvQpAttr {
             qp_state: QPS_RTR,
-            path_mtu: MTU_1024,
+            path_mtu: mtu_enum(remote.mtu),
             dest_qp_num: remote.qpn,
             rq_psn: remote.psn,
             max_dest_rd_atomic: 16,
@@ -772,6 +798,15 @@ impl RcQp {
         let rts =
             QP_STATE | QP_TIMEOUT | QP_RETRY_CNT | QP_RNR_RETRY | QP_SQ_PSN | QP_MAX_QP_RD_ATOMIC;
         self.modify(&mut attr, rts, "ibv_modify_qp(RTS)")
+    }
+
+    /// Moves the QP to ERROR: its outstanding work requests complete, flushed.
+    pub fn move_to_error(&self) -> Result<(), VerbsUnavailable> {
+        let mut attr = IbvQpAttr {
+            qp_state: QPS_ERR,
+            ..IbvQpAttr::default()
+        };
+        self.modify(&mut attr, QP_STATE, "ibv_modify_qp(ERR)")
     }
 
     fn context(&self) -> *mut IbvContextHead {
@@ -821,7 +856,11 @@ impl RcQp {
             sg_list: &mut sge,
             num_sge: 1,
             opcode,
-            send_flags: SEND_SIGNALED,
+            send_flags: if opcode == WR_SEND && len <= self.max_inline {
+                SEND_SIGNALED | SEND_INLINE
+            } else {
+                SEND_SIGNALED
+            },
             imm_data: 0,
             remote_addr,
             rkey,
@@ -961,7 +1000,7 @@ pub(super) fn abi_layout() -> Vec<(&'static str, usize)> {
         ("IBV_SEND_SIGNALED", SEND_SIGNALED as usize),
         ("IBV_QP_DEST_QPN", QP_DEST_QPN as usize),
         ("IBV_QP_MAX_DEST_RD_ATOMIC", QP_MAX_DEST_RD_ATOMIC as usize),
-        ("IBV_MTU_1024", MTU_1024 as usize),
+        ("IBV_MTU_1024", mtu_enum(1024) as usize),
         ("IBV_QPS_RTS", QPS_RTS as usize),
     ]
 }
