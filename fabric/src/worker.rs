@@ -15,6 +15,7 @@
 //! one CQ, one shared receive queue), TCP otherwise, decided per endpoint.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +50,8 @@ const WAKER_TOKEN: Token = Token(usize::MAX);
 const LISTENER_TOKEN_BASE: usize = usize::MAX - 1;
 /// Token of the verbs completion channel (below the listeners' range).
 const VERBS_TOKEN: Token = Token(LISTENER_TOKEN_BASE - 64);
+/// The spin grows to at most this many times its configured length.
+const SPIN_GROWTH_MAX: u32 = 16;
 /// CQ polls per progress round, so receives cannot starve sockets.
 const CQ_POLLS_PER_PROGRESS_MAX: usize = 8;
 /// A spinning worker with at most this many endpoints polls their sockets directly.
@@ -315,13 +318,15 @@ pub struct Worker {
     handlers: Vec<Option<AmHandler>>,
     completions: VecDeque<Completion>,
     last_work: Instant,
+    /// How long to spin after work now (see `adapt_spin`).
+    spin: Duration,
     /// Progress rounds so far.
     polls: u64,
     /// A read found no arena buffer in the last round (retry on a timer).
     memory_blocked: bool,
     stats: WorkerStats,
     /// Endpoint of each live queue pair number.
-    qpns: HashMap<u32, u64>,
+    qpns: HashMap<u32, u64, BuildHasherDefault<QpnHasher>>,
     work_completions: Vec<WorkCompletion>,
     /// Why this worker offers no verbs, when it does not.
     no_verbs_reason: String,
@@ -368,6 +373,7 @@ impl Worker {
         Ok(Worker {
             arena,
             handlers: (0..config.am_ids_max).map(|_| None).collect(),
+            spin: config.spin,
             config,
             poll,
             events: Events::with_capacity(POLL_EVENTS_MAX),
@@ -380,7 +386,7 @@ impl Worker {
             polls: 0,
             memory_blocked: false,
             stats: WorkerStats::default(),
-            qpns: HashMap::new(),
+            qpns: HashMap::default(),
             work_completions: Vec::with_capacity(32),
             no_verbs_reason,
             verbs,
@@ -638,7 +644,7 @@ impl Worker {
 
     /// Does all work that is ready, without sleeping; returns how much was done.
     pub fn progress(&mut self) -> usize {
-        self.progress_once(Some(Duration::ZERO))
+        self.progress_once(Some(Duration::ZERO), Instant::now())
     }
 
     /// Progresses until `done` says so or `deadline` passes, spinning while
@@ -656,17 +662,37 @@ impl Worker {
             if deadline.is_some_and(|d| now >= d) {
                 return false;
             }
-            let timeout = if now.duration_since(self.last_work) < self.config.spin {
+            let spinning = now.duration_since(self.last_work) < self.spin;
+            let timeout = if spinning {
                 self.stats.spins += 1;
                 Some(Duration::ZERO)
             } else {
                 self.stats.sleeps += 1;
                 self.sleep_timeout(now, deadline)
             };
-            if self.progress_once(timeout) > 0 {
-                self.last_work = Instant::now();
+            // One clock read per spinning round: under emulation each read
+            // can be a microsecond-long syscall.
+            if self.progress_once(timeout, now) > 0 {
+                if spinning {
+                    self.last_work = now;
+                } else {
+                    let woke = Instant::now();
+                    self.adapt_spin(woke.duration_since(self.last_work));
+                    self.last_work = woke;
+                }
             }
         }
+    }
+
+    /// After sleeping, work came `gap` after the last: if a little more
+    /// spinning would have caught it (the peer answers just slower than the
+    /// spin, e.g. because it slept too and paid a wake-up), spin that long
+    /// from now on, up to [`SPIN_GROWTH_MAX`] times the configured spin; a
+    /// longer gap means idleness, and the spin returns to its configured
+    /// length. Without this, two peers whose wake-up costs more than the spin
+    /// lock each other into sleeping on every message.
+    fn adapt_spin(&mut self, gap: Duration) {
+        self.spin = next_spin(self.config.spin, gap);
     }
 
     /// Serves until `stop` returns true; wake the worker after setting it.
@@ -698,7 +724,9 @@ impl Worker {
         earliest.map(|t| t.saturating_duration_since(now))
     }
 
-    fn progress_once(&mut self, mut timeout: Option<Duration>) -> usize {
+    /// One round; `now` is the caller's clock reading, taken again only after
+    /// a sleep.
+    fn progress_once(&mut self, mut timeout: Option<Duration>, mut now: Instant) -> usize {
         let mut work = 0;
         self.memory_blocked = false;
         self.polls = self.polls.wrapping_add(1);
@@ -710,7 +738,7 @@ impl Worker {
                     tracing::error!(error = %e, "arming the completion queue failed");
                     timeout = Some(MEMORY_RETRY);
                 }
-                let found = self.poll_verbs(Instant::now());
+                let found = self.poll_verbs(now);
                 if found > 0 {
                     work += found;
                     timeout = Some(Duration::ZERO);
@@ -762,7 +790,9 @@ impl Worker {
                 work += self.accept(index);
             }
         }
-        let now = Instant::now();
+        if !spinning {
+            now = Instant::now();
+        }
         work += self.poll_verbs(now);
         for i in 0..self.live.len() {
             let key = self.live[i];
@@ -1203,7 +1233,10 @@ impl Worker {
             }
             if let Path::Verbs(qp) = &mut e.path {
                 if !qp.quiet() {
-                    if e.dead {
+                    // A dead QP's requests are flushed; so are a closed
+                    // connection's unsignaled SENDs, which would otherwise
+                    // wait for a signaled one that never comes.
+                    if e.dead || (e.conn.is_closed() && qp.stalled()) {
                         qp.flush_outstanding();
                     }
                     return true;
@@ -1359,6 +1392,27 @@ impl Worker {
     }
 }
 
+/// Hashes queue pair numbers with one multiply: the map is looked up on every
+/// completion, where SipHash would cost more than the rest of the lookup.
+#[derive(Default)]
+struct QpnHasher(u64);
+
+impl std::hash::Hasher for QpnHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// Gives a queue pair's resources back to the port: its completion-queue
 /// share and the shared receives it had not delivered.
 fn retire_qp(port: Option<&mut VerbsPort>, qp: &mut QpPath) {
@@ -1429,4 +1483,32 @@ fn set_send_buffer(sock: &TcpStream, bytes: usize) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The spin after a sleep that ended with work `gap` after the last work.
+fn next_spin(configured: Duration, gap: Duration) -> Duration {
+    let max = configured * SPIN_GROWTH_MAX;
+    if gap <= max {
+        (gap + gap / 2).clamp(configured, max)
+    } else {
+        configured
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spin_grows_to_cover_short_gaps_and_resets_when_idle() {
+        let us = Duration::from_micros;
+        // A peer answering just after we gave up: spin past its gap next time.
+        assert_eq!(next_spin(us(200), us(300)), us(450));
+        // Short gaps never shrink it below the configured spin.
+        assert_eq!(next_spin(us(200), us(50)), us(200));
+        // Bounded, so an idle worker soon sleeps.
+        assert_eq!(next_spin(us(200), us(3000)), us(3200));
+        // A real idle period: back to the configured spin.
+        assert_eq!(next_spin(us(200), Duration::from_millis(50)), us(200));
+    }
 }

@@ -45,6 +45,11 @@ pub const STAGING_SLOTS: usize = 16;
 pub const SRQ_RECVS_PER_ENDPOINT: usize = 32;
 /// Completions taken per CQ poll.
 const CQ_BATCH: usize = 32;
+/// At most this many SENDs in a row go unsignaled: a completion per SEND is
+/// CQ work on the hot path, and a signaled SEND's completion frees the
+/// staging buffers of the unsignaled ones before it (a QP's sends complete in
+/// order).
+const SENDS_PER_SIGNAL_MAX: usize = 8;
 
 /// What a work request was, in the top byte of its wr_id.
 pub const KIND_SEND: u64 = 1;
@@ -79,10 +84,16 @@ pub struct VerbsConfig {
 }
 
 impl Default for VerbsConfig {
+    /// Device and GID index from `QUIVER_RDMA_DEVICE` and
+    /// `QUIVER_RDMA_GID_INDEX` when set, chosen automatically otherwise.
     fn default() -> Self {
         VerbsConfig {
-            device: None,
-            gid_index: None,
+            device: std::env::var("QUIVER_RDMA_DEVICE")
+                .ok()
+                .filter(|d| !d.is_empty()),
+            gid_index: std::env::var("QUIVER_RDMA_GID_INDEX")
+                .ok()
+                .and_then(|g| g.parse().ok()),
             srq_recvs_max: 1024,
             cq_entries: 16384,
         }
@@ -260,6 +271,8 @@ impl VerbsPort {
                 staging_free: (0..STAGING_SLOTS).rev().collect(),
                 reads_in_flight: 0,
                 pending: VecDeque::new(),
+                posted: VecDeque::with_capacity(STAGING_SLOTS),
+                unsignaled: 0,
                 depth,
                 flushing: false,
             },
@@ -353,6 +366,10 @@ pub struct QpPath {
     /// connection to take them: in arrival order, behind a receiver out of
     /// arena buffers.
     pub pending: VecDeque<(usize, usize, usize)>,
+    /// Staging slots of posted SENDs, in posting order.
+    posted: VecDeque<usize>,
+    /// SENDs posted unsignaled since the last signaled one.
+    unsignaled: usize,
     depth: usize,
     flushing: bool,
 }
@@ -380,10 +397,25 @@ impl QpPath {
         self.staging_free.len() == self.staging.len() && self.reads_in_flight == 0
     }
 
-    /// A SEND completed: its staging buffer is free again.
+    /// Whether what is outstanding will never complete by itself: unsignaled
+    /// SENDs only, with no signaled request behind them.
+    pub fn stalled(&self) -> bool {
+        !self.quiet() && self.reads_in_flight == 0 && self.posted.len() == self.unsignaled
+    }
+
+    /// A SEND completed (signaled, or any SEND with an error): its staging
+    /// buffer and those of the SENDs before it are free again.
     pub fn send_done(&mut self, slot: usize) {
-        debug_assert!(slot < self.staging.len() && !self.staging_free.contains(&slot));
-        self.staging_free.push(slot);
+        if !self.posted.contains(&slot) {
+            tracing::error!(slot, "completion of a SEND that is not outstanding");
+            return;
+        }
+        while let Some(done) = self.posted.pop_front() {
+            self.staging_free.push(done);
+            if done == slot {
+                break;
+            }
+        }
     }
 
     /// Moves the queue pair to the error state (once), so its outstanding
@@ -432,17 +464,23 @@ impl QpPath {
             );
             conn.handle_transmitted(filled);
             let addr = space.as_ptr() as u64;
-            if let Err(e) = self.qp.post_send(
+            // Signal the last SEND before the staging runs out, every few
+            // SENDs, and a closing connection's (its end waits for quiet).
+            let signaled = self.staging_free.is_empty()
+                || self.unsignaled + 1 >= SENDS_PER_SIGNAL_MAX
+                || conn.is_closed();
+            if let Err(e) = self.qp.post_send_signaled(
                 wr_id(KIND_SEND, slot as u64),
                 WR_SEND,
-                addr,
-                filled as u32,
-                lkey,
+                (addr, filled as u32, lkey),
                 None,
+                signaled,
             ) {
                 self.staging_free.push(slot);
                 return Err(e);
             }
+            self.posted.push_back(slot);
+            self.unsignaled = if signaled { 0 } else { self.unsignaled + 1 };
             sends += 1;
         }
         Ok(sends)

@@ -844,6 +844,20 @@ impl RcQp {
         lkey: u32,
         remote: Option<(u64, u32)>,
     ) -> Result<(), VerbsUnavailable> {
+        self.post_send_signaled(wr_id, opcode, (addr, len, lkey), remote, true)
+    }
+
+    /// As [`RcQp::post_send`], with the completion optional: an unsignaled
+    /// request completes silently (its buffer is free once a later signaled
+    /// request of this QP completes; errors are reported either way).
+    pub fn post_send_signaled(
+        &self,
+        wr_id: u64,
+        opcode: u32,
+        (addr, len, lkey): (u64, u32, u32),
+        remote: Option<(u64, u32)>,
+        signaled: bool,
+    ) -> Result<(), VerbsUnavailable> {
         let mut sge = IbvSge {
             addr,
             length: len,
@@ -856,11 +870,12 @@ impl RcQp {
             sg_list: &mut sge,
             num_sge: 1,
             opcode,
-            send_flags: if opcode == WR_SEND && len <= self.max_inline {
-                SEND_SIGNALED | SEND_INLINE
-            } else {
-                SEND_SIGNALED
-            },
+            send_flags: (if signaled { SEND_SIGNALED } else { 0 })
+                | (if opcode == WR_SEND && len <= self.max_inline {
+                    SEND_INLINE
+                } else {
+                    0
+                }),
             imm_data: 0,
             remote_addr,
             rkey,
