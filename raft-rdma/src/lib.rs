@@ -1,1 +1,6 @@
-//! Raft for copysets: openraft over the fabric, a shared io_uring log engine per disk, the copyset host. (Not yet written.)
+//! Raft for copysets. Today: the log engine ([`log`]), one per disk and shared
+//! by every copyset on it, with group commit. openraft over the fabric, the
+//! state machine on the chunk store and the chunkserver process are issue 5's
+//! remaining work.
+
+pub mod log;

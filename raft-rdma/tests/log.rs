@@ -1,0 +1,344 @@
+//! The log engine on real files with O_DIRECT and io_uring: appends across
+//! groups, truncate, purge and segment deletion, votes, recovery after a torn
+//! tail and after kill -9, corruption refused, group commit.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quiver_raft::log::{wait_durable, Entry, LogConfig, LogEngine, LogError, LogId, Vote};
+
+fn id(index: u64) -> LogId {
+    LogId {
+        term: 1 + index / 100,
+        node: 7,
+        index,
+    }
+}
+
+fn payload(group: u64, index: u64) -> Arc<[u8]> {
+    let len = ((group * 131 + index * 17) % 3000) as usize;
+    (0..len)
+        .map(|i| (i as u64 ^ group ^ index) as u8)
+        .collect::<Vec<_>>()
+        .into()
+}
+
+fn entries(group: u64, from: u64, to: u64) -> Vec<Entry> {
+    (from..to)
+        .map(|i| Entry {
+            id: id(i),
+            payload: payload(group, i),
+        })
+        .collect()
+}
+
+fn append(log: &LogEngine, group: u64, from: u64, to: u64) {
+    wait_durable(|done| log.append(group, entries(group, from, to), done)).unwrap();
+}
+
+fn small(dir: &std::path::Path) -> LogConfig {
+    LogConfig {
+        segment_bytes: 256 << 10,
+        write_bytes_max: 64 << 10,
+        ..LogConfig::new(dir)
+    }
+}
+
+fn check(log: &LogEngine, group: u64, from: u64, to: u64) {
+    let got = log.entries(group, from, to);
+    assert_eq!(
+        got,
+        entries(group, from, to),
+        "group {group} [{from}, {to})"
+    );
+}
+
+#[test]
+fn appends_truncates_votes_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = LogEngine::open(small(dir.path())).unwrap();
+        append(&log, 1, 1, 50);
+        append(&log, 2, 1, 30);
+        append(&log, 1, 50, 60);
+        // A conflict: group 2 loses 20.. and gets them again from a new leader.
+        wait_durable(|done| log.truncate(2, 20, done)).unwrap();
+        assert_eq!(log.state(2).last, Some(id(19)));
+        append(&log, 2, 20, 25);
+        let vote = Vote {
+            term: 4,
+            node: 2,
+            committed: true,
+        };
+        wait_durable(|done| log.save_vote(1, vote, done)).unwrap();
+        wait_durable(|done| log.save_committed(1, id(42), done)).unwrap();
+        // Not contiguous: refused, nothing changes.
+        let err = log
+            .append(1, entries(1, 70, 71), Box::new(|_| {}))
+            .unwrap_err();
+        assert!(
+            matches!(err, LogError::NotContiguous { index: 70, .. }),
+            "{err}"
+        );
+    }
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    check(&log, 1, 1, 60);
+    check(&log, 2, 1, 25);
+    assert_eq!(log.state(1).last, Some(id(59)));
+    assert_eq!(log.state(2).last, Some(id(24)));
+    assert_eq!(
+        log.vote(1),
+        Some(Vote {
+            term: 4,
+            node: 2,
+            committed: true
+        })
+    );
+    assert_eq!(log.committed(1), Some(id(42)));
+    assert_eq!(log.vote(2), None);
+}
+
+#[test]
+fn purged_segments_are_deleted_and_the_rest_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let segments = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "seg")
+            })
+            .count()
+    };
+    {
+        let log = LogEngine::open(small(dir.path())).unwrap();
+        for round in 0..20 {
+            append(&log, 1, 1 + round * 20, 21 + round * 20);
+            append(&log, 2, 1 + round * 20, 21 + round * 20);
+        }
+        let before = segments();
+        assert!(
+            before > 3,
+            "{before} segments for 800 entries of up to 3 KB"
+        );
+        wait_durable(|done| log.purge(1, id(300), done)).unwrap();
+        assert_eq!(segments(), before, "group 2 still needs them");
+        wait_durable(|done| log.purge(2, id(350), done)).unwrap();
+        // Deletion runs after the next write.
+        append(&log, 1, 401, 402);
+        assert!(segments() < before, "{} of {before} left", segments());
+        assert!(log.stats().segments_deleted > 0);
+        assert_eq!(log.state(1).purged, Some(id(300)));
+        check(&log, 1, 301, 402);
+    }
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    assert_eq!(log.state(1).purged, Some(id(300)));
+    assert_eq!(log.state(2).purged, Some(id(350)));
+    check(&log, 1, 301, 402);
+    check(&log, 2, 351, 401);
+    assert!(log.entries(1, 1, 301).is_empty());
+}
+
+/// The last batch torn on disk: recovery keeps everything before it, and
+/// appends after recovery survive the next reopen (no stale bytes return).
+#[test]
+fn a_torn_tail_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = LogEngine::open(small(dir.path())).unwrap();
+        append(&log, 1, 1, 10);
+        append(&log, 1, 10, 20);
+    }
+    let seg = last_segment(dir.path());
+    let bytes = std::fs::read(&seg).unwrap();
+    // The second append's batch starts at the last non-zero page.
+    let last_page = (0..bytes.len() / 4096)
+        .rev()
+        .find(|&p| bytes[p * 4096..(p + 1) * 4096].iter().any(|&b| b != 0))
+        .unwrap();
+    let mut torn = bytes.clone();
+    torn[last_page * 4096 + 100] ^= 0xff;
+    std::fs::write(&seg, &torn).unwrap();
+    {
+        let log = LogEngine::open(small(dir.path())).unwrap();
+        let last = log.state(1).last.unwrap().index;
+        assert!((9..19).contains(&last), "kept up to {last}");
+        check(&log, 1, 1, last + 1);
+        append(&log, 1, last + 1, last + 4);
+    }
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    let last = log.state(1).last.unwrap().index;
+    check(&log, 1, 1, last + 1);
+}
+
+#[test]
+fn corruption_before_the_tail_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = LogEngine::open(small(dir.path())).unwrap();
+        for round in 0..10 {
+            append(&log, 1, 1 + round * 30, 31 + round * 30);
+        }
+    }
+    let mut segs: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 2);
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    bytes[4096 + 60] ^= 1;
+    std::fs::write(&segs[0], &bytes).unwrap();
+    match LogEngine::open(small(dir.path())) {
+        Err(LogError::Corrupt { .. }) => {}
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a corrupt segment was accepted"),
+    }
+}
+
+#[test]
+fn concurrent_appenders_share_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(LogEngine::open(LogConfig::new(dir.path())).unwrap());
+    const GROUPS: u64 = 8;
+    const APPENDS: u64 = 100;
+    let threads: Vec<_> = (0..GROUPS)
+        .map(|group| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for i in 1..=APPENDS {
+                    append(&log, group, i, i + 1);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = log.stats();
+    eprintln!("{stats:?}");
+    assert_eq!(stats.requests, GROUPS * APPENDS);
+    assert!(stats.syncs < stats.requests, "no group commit: {stats:?}");
+    for group in 0..GROUPS {
+        check(&log, group, 1, APPENDS + 1);
+    }
+}
+
+const ROLE: &str = "QUIVER_RAFT_LOG_TEST_ROLE";
+const DIR: &str = "QUIVER_RAFT_LOG_TEST_DIR";
+
+/// The appender killed by the parent: appends to 4 groups from where the log
+/// ends, printing `ack GROUP INDEX` once each append is durable.
+#[test]
+fn crash_appender_child() {
+    if std::env::var(ROLE).as_deref() != Ok("appender") {
+        return;
+    }
+    let dir = std::env::var(DIR).unwrap();
+    let log = LogEngine::open(small(dir.as_ref())).unwrap();
+    let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let mut next: HashMap<u64, u64> = (0..4)
+        .map(|g| (g, log.state(g).last.map_or(1, |l| l.index + 1)))
+        .collect();
+    for n in 0..100_000u64 {
+        let group = n % 4;
+        let index = next[&group];
+        next.insert(group, index + 1);
+        let out = Arc::clone(&out);
+        log.append(
+            group,
+            entries(group, index, index + 1),
+            Box::new(move |r| {
+                if r.is_ok() {
+                    let mut out = out.lock().unwrap();
+                    let _ = writeln!(out, "ack {group} {index}");
+                    let _ = out.flush();
+                }
+            }),
+        )
+        .unwrap();
+        if n % 64 == 0 {
+            // Let batches of different sizes form.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+#[test]
+fn acknowledged_appends_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut acked: HashMap<u64, u64> = HashMap::new();
+    for round in 0..8u64 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "crash_appender_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ROLE, "appender")
+            .env(DIR, dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let kill_after = 50 + round * 97;
+        let started = Instant::now();
+        let mut seen = 0;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("ack ") {
+                let mut it = rest.split(' ').map(|x| x.parse::<u64>().unwrap());
+                let (g, i) = (it.next().unwrap(), it.next().unwrap());
+                let a = acked.entry(g).or_default();
+                *a = (*a).max(i);
+                seen += 1;
+            }
+            if seen >= kill_after || started.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for line in lines {
+            if let Some(rest) = line.unwrap().strip_prefix("ack ") {
+                let mut it = rest.split(' ').map(|x| x.parse::<u64>().unwrap());
+                let (g, i) = (it.next().unwrap(), it.next().unwrap());
+                let a = acked.entry(g).or_default();
+                *a = (*a).max(i);
+            }
+        }
+        let log = LogEngine::open(small(dir.path()))
+            .unwrap_or_else(|e| panic!("round {round}: reopening after kill -9: {e}"));
+        for (&g, &a) in &acked {
+            let last = log.state(g).last.map_or(0, |l| l.index);
+            assert!(
+                last >= a,
+                "round {round}: group {g} acknowledged {a}, log ends at {last}"
+            );
+            check(&log, g, 1, last + 1);
+        }
+        eprintln!("round {round}: acknowledged {acked:?}, {:?}", log.stats());
+    }
+    assert!(
+        acked.values().sum::<u64>() > 1000,
+        "the appender barely ran: {acked:?}"
+    );
+}
+
+fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    segs.pop().unwrap()
+}
