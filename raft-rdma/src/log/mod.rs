@@ -315,29 +315,56 @@ impl LogEngine {
         }
     }
 
-    /// Appends entries (contiguous, following the group's last index); they
-    /// are readable when this returns, durable when `done` is called.
-    pub fn append(&self, group: u64, entries: Vec<Entry>, done: Durable) -> Result<(), LogError> {
+    /// Appends entries (contiguous among themselves); they are readable when
+    /// this returns, durable when `done` is called. Entries at or below the
+    /// purge point are already covered by a snapshot and are skipped; an
+    /// append that starts at or before the last index replaces the entries
+    /// from there on (as a truncate would); one that leaves a hole is refused.
+    pub fn append(
+        &self,
+        group: u64,
+        mut entries: Vec<Entry>,
+        done: Durable,
+    ) -> Result<(), LogError> {
         let mut shared = self.lock();
         self.check(&shared)?;
         let g = shared.groups.entry(group).or_default();
-        let mut last = g.last().map(|l| l.index);
-        for e in &entries {
-            if last.is_some_and(|l| e.id.index != l + 1) {
+        if let Some(purged) = g.purged {
+            entries.retain(|e| e.id.index > purged.index);
+        }
+        for pair in entries.windows(2) {
+            if pair[1].id.index != pair[0].id.index + 1 {
                 return Err(LogError::NotContiguous {
                     group,
-                    index: e.id.index,
-                    last: last.unwrap_or(0),
+                    index: pair[1].id.index,
+                    last: pair[0].id.index,
                 });
             }
-            last = Some(e.id.index);
+        }
+        let mut records = Vec::with_capacity(entries.len() + 1);
+        if let (Some(first), Some(last)) = (entries.first(), g.last()) {
+            if first.id.index > last.index + 1 {
+                return Err(LogError::NotContiguous {
+                    group,
+                    index: first.id.index,
+                    last: last.index,
+                });
+            }
+            if first.id.index <= last.index {
+                g.truncate(first.id.index);
+                records.push(Owned::Truncate {
+                    group,
+                    from: first.id.index,
+                });
+            }
         }
         g.entries.extend(entries.iter().cloned());
         drop(shared);
-        let records = entries
-            .into_iter()
-            .map(|entry| Owned::Entry { group, entry })
-            .collect();
+        records.extend(
+            entries
+                .into_iter()
+                .map(|entry| Owned::Entry { group, entry }),
+        );
         self.send(records, done);
         Ok(())
     }
