@@ -577,6 +577,25 @@ impl Worker {
         Ok(id)
     }
 
+    /// Answers RPC request `reply_to` that arrived on `ep` after its handler
+    /// returned (a reply computed elsewhere, e.g. on an async runtime).
+    pub fn reply(
+        &mut self,
+        ep: EndpointId,
+        am_id: u16,
+        reply_to: u64,
+        header: &[u8],
+        payload: Payload<'_>,
+    ) -> Result<(), SendError> {
+        let e = self
+            .endpoints
+            .get_mut(ep.0)
+            .ok_or(SendError::Disconnected)?;
+        e.conn.reply(am_id, reply_to, header, payload)?;
+        self.flush(ep.0);
+        Ok(())
+    }
+
     /// Calls a remote handler; a [`Completion::Rpc`] follows.
     pub fn rpc_call(
         &mut self,

@@ -1,118 +1,17 @@
 //! openraft's own storage test suite (`openraft::testing::Suite`) against
 //! our log storage on the shared log engine (real files, io_uring, O_DIRECT).
-//! The suite needs a state machine too: a small in-memory one here, which
+//! The suite needs a state machine too: `common::RecordingMachine`, which
 //! only records what it applied (the chunk-store state machine is separate).
 
-use std::io::Cursor;
-use std::sync::{Arc, Mutex};
+mod common;
 
-use openraft::storage::{RaftStateMachine, Snapshot};
+use std::sync::Arc;
+
+use common::RecordingMachine;
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{
-    Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
-};
+use openraft::StorageError;
 use quiver_raft::log::{LogConfig, LogEngine};
-use quiver_raft::store::{LogStore, Response, TypeConfig};
-
-#[derive(Default)]
-struct State {
-    last_applied: Option<LogId<u64>>,
-    membership: StoredMembership<u64, openraft::BasicNode>,
-    applied: Vec<Vec<u8>>,
-    snapshot: Option<(SnapshotMeta<u64, openraft::BasicNode>, Vec<u8>)>,
-}
-
-#[derive(Clone, Default)]
-struct RecordingMachine(Arc<Mutex<State>>);
-
-impl RaftSnapshotBuilder<TypeConfig> for RecordingMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let mut s = self.0.lock().unwrap();
-        let data = serde_json::to_vec(&s.applied).unwrap();
-        let meta = SnapshotMeta {
-            last_log_id: s.last_applied,
-            last_membership: s.membership.clone(),
-            snapshot_id: format!("{:?}", s.last_applied.map(|l| l.index)),
-        };
-        s.snapshot = Some((meta.clone(), data.clone()));
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
-    }
-}
-
-impl RaftStateMachine<TypeConfig> for RecordingMachine {
-    type SnapshotBuilder = RecordingMachine;
-
-    async fn applied_state(
-        &mut self,
-    ) -> Result<
-        (
-            Option<LogId<u64>>,
-            StoredMembership<u64, openraft::BasicNode>,
-        ),
-        StorageError<u64>,
-    > {
-        let s = self.0.lock().unwrap();
-        Ok((s.last_applied, s.membership.clone()))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<u64>>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
-        I::IntoIter: openraft::OptionalSend,
-    {
-        let mut s = self.0.lock().unwrap();
-        let mut out = Vec::new();
-        for entry in entries {
-            s.last_applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(request) => s.applied.push(request.0),
-                EntryPayload::Membership(m) => {
-                    s.membership = StoredMembership::new(Some(entry.log_id), m);
-                }
-            }
-            out.push(Response::default());
-        }
-        Ok(out)
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
-    }
-
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError<u64>> {
-        let data = snapshot.into_inner();
-        let mut s = self.0.lock().unwrap();
-        s.applied = serde_json::from_slice(&data).unwrap();
-        s.last_applied = meta.last_log_id;
-        s.membership = meta.last_membership.clone();
-        s.snapshot = Some((meta.clone(), data));
-        Ok(())
-    }
-
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
-        let s = self.0.lock().unwrap();
-        Ok(s.snapshot.clone().map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
-    }
-}
+use quiver_raft::store::{LogStore, TypeConfig};
 
 /// Each suite case gets a fresh directory and engine (the directory is the
 /// guard the suite keeps alive), with copyset 7 as the group under test and

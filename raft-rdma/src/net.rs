@@ -1,0 +1,454 @@
+//! openraft's network over the fabric.
+//!
+//! A [`FabricNode`] runs one fabric worker on its own thread (the worker is
+//! progressed by the thread that owns it) and bridges it to the async
+//! runtime Raft runs on: outgoing Raft RPCs are commands queued to that
+//! thread (waking it), their answers come back through oneshot channels;
+//! incoming Raft RPCs are handed to the runtime, which answers through a
+//! [`Replier`]. Endpoints to peers are made on first use, on whichever
+//! transport the fabric negotiates (verbs where both sides have RDMA).
+//!
+//! Messages: a one-byte header names the RPC (append, vote, snapshot), the
+//! body is the openraft request or `Result<response, RaftError>` as JSON.
+//! (Entry payloads are copied into that encoding for now: carrying them as
+//! fabric buffers without a copy is issue 5's remaining work.) A fabric
+//! failure to reach the peer (no connection, disconnect) is openraft's
+//! `Unreachable` (it backs off); a timeout or a bad answer is `Network`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Raft};
+use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+use quiver_fabric::{
+    AmData, Completion, EndpointId, Payload, RpcError, RpcId, Worker, WorkerConfig, WorkerWaker,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::store::TypeConfig;
+
+/// The fabric AM id of Raft RPCs.
+pub const RAFT_AM_ID: u16 = 16;
+const KIND_APPEND: u8 = 1;
+const KIND_VOTE: u8 = 2;
+const KIND_SNAPSHOT: u8 = 3;
+
+/// Why a call to a peer failed, in fabric terms.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach {addr}: {why}")]
+    Unreachable { addr: SocketAddr, why: String },
+    #[error("{0}")]
+    Rpc(RpcError),
+    #[error("the node's fabric thread has stopped")]
+    Stopped,
+}
+
+type Answer = tokio::sync::oneshot::Sender<Result<Vec<u8>, CallError>>;
+
+enum Cmd {
+    Call {
+        addr: SocketAddr,
+        kind: u8,
+        body: Vec<u8>,
+        timeout: Duration,
+        answer: Answer,
+    },
+    Reply {
+        ep: EndpointId,
+        reply_to: u64,
+        body: Vec<u8>,
+    },
+}
+
+/// An incoming Raft RPC for the runtime to serve.
+pub struct Incoming {
+    pub kind: u8,
+    pub body: Vec<u8>,
+    pub reply: Replier,
+}
+
+/// Answers one incoming RPC from any thread.
+pub struct Replier {
+    ep: EndpointId,
+    reply_to: u64,
+    link: Link,
+}
+
+impl Replier {
+    pub fn send(self, body: Vec<u8>) {
+        self.link.push(Cmd::Reply {
+            ep: self.ep,
+            reply_to: self.reply_to,
+            body,
+        });
+    }
+}
+
+/// The way into a node's fabric thread.
+#[derive(Clone)]
+struct Link {
+    cmds: mpsc::Sender<Cmd>,
+    kick: Arc<AtomicBool>,
+    waker: WorkerWaker,
+}
+
+impl Link {
+    fn push(&self, cmd: Cmd) -> bool {
+        let sent = self.cmds.send(cmd).is_ok();
+        self.kick.store(true, Ordering::Release);
+        self.waker.wake();
+        sent
+    }
+}
+
+/// One node's fabric worker, on its own thread.
+pub struct FabricNode {
+    pub addr: SocketAddr,
+    link: Link,
+    stop: Arc<AtomicBool>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl FabricNode {
+    /// Starts the worker listening on `listen`; incoming Raft RPCs go to `inbound`.
+    pub fn start(
+        listen: SocketAddr,
+        config: WorkerConfig,
+        inbound: tokio::sync::mpsc::UnboundedSender<Incoming>,
+    ) -> anyhow::Result<FabricNode> {
+        let arena = Arena::new(&ArenaConfig {
+            classes: vec![
+                SizeClass {
+                    buf_bytes: 4 << 10,
+                    count: 512,
+                },
+                SizeClass {
+                    buf_bytes: 64 << 10,
+                    count: 512,
+                },
+                SizeClass {
+                    buf_bytes: 1 << 20,
+                    count: 64,
+                },
+            ],
+            huge_pages: false,
+        })?;
+        let mut worker = Worker::new(arena, config)?;
+        let addr = worker.listen(listen)?;
+        let (tx, rx) = mpsc::channel();
+        let link = Link {
+            cmds: tx,
+            kick: Arc::new(AtomicBool::new(false)),
+            waker: worker.waker(),
+        };
+        let handler_link = link.clone();
+        worker.set_am_handler(
+            RAFT_AM_ID,
+            Box::new(move |ctx, m| {
+                let body = match m.data {
+                    AmData::Eager(p) | AmData::Pulled(p) => p.to_vec(),
+                    AmData::Rendezvous(desc) => {
+                        if let Err(e) = ctx.pull_into_arena(desc) {
+                            tracing::warn!(error = %e, "dropping a Raft RPC");
+                        }
+                        return;
+                    }
+                    AmData::Aborted => return,
+                };
+                let (Some(&kind), Some(reply_to)) = (m.header.first(), m.reply_to) else {
+                    tracing::warn!("a Raft message that is not an RPC");
+                    return;
+                };
+                let reply = Replier {
+                    ep: ctx.endpoint(),
+                    reply_to,
+                    link: handler_link.clone(),
+                };
+                if inbound.send(Incoming { kind, body, reply }).is_err() {
+                    tracing::debug!("a Raft RPC for a node that stopped");
+                }
+            }),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let kick = Arc::clone(&link.kick);
+        let thread = std::thread::Builder::new()
+            .name("raft-fabric".into())
+            .spawn(move || serve(worker, rx, kick, thread_stop))?;
+        Ok(FabricNode {
+            addr,
+            link,
+            stop,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Calls `kind` on the node at `addr` and waits for its answer.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        kind: u8,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        if !self.link.push(Cmd::Call {
+            addr,
+            kind,
+            body,
+            timeout,
+            answer,
+        }) {
+            return Err(CallError::Stopped);
+        }
+        rx.await.unwrap_or(Err(CallError::Stopped))
+    }
+}
+
+impl FabricNode {
+    /// Stops the fabric thread: its connections close and calls fail.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.link.waker.wake();
+        let thread = self.thread.lock().expect("fabric node lock").take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FabricNode {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The fabric thread: carries out commands, progresses the worker, and
+/// resolves answered calls.
+fn serve(
+    mut worker: Worker,
+    cmds: mpsc::Receiver<Cmd>,
+    kick: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut peers: HashMap<SocketAddr, EndpointId> = HashMap::new();
+    let mut calls: HashMap<(EndpointId, RpcId), Answer> = HashMap::new();
+    while !stop.load(Ordering::Acquire) {
+        kick.store(false, Ordering::Release);
+        while let Ok(cmd) = cmds.try_recv() {
+            match cmd {
+                Cmd::Call {
+                    addr,
+                    kind,
+                    body,
+                    timeout,
+                    answer,
+                } => {
+                    let ep = match peers.get(&addr) {
+                        Some(&ep) => ep,
+                        None => match worker.connect(addr) {
+                            Ok(ep) => {
+                                peers.insert(addr, ep);
+                                ep
+                            }
+                            Err(e) => {
+                                let _ = answer.send(Err(CallError::Unreachable {
+                                    addr,
+                                    why: e.to_string(),
+                                }));
+                                continue;
+                            }
+                        },
+                    };
+                    match worker.rpc_call(ep, RAFT_AM_ID, &[kind], Payload::Bytes(&body), timeout) {
+                        Ok(id) => {
+                            calls.insert((ep, id), answer);
+                        }
+                        Err(e) => {
+                            peers.remove(&addr);
+                            let _ = answer.send(Err(CallError::Unreachable {
+                                addr,
+                                why: e.to_string(),
+                            }));
+                        }
+                    }
+                }
+                Cmd::Reply { ep, reply_to, body } => {
+                    if let Err(e) =
+                        worker.reply(ep, RAFT_AM_ID, reply_to, &[], Payload::Bytes(&body))
+                    {
+                        tracing::debug!(error = %e, "a Raft reply to a peer that left");
+                    }
+                }
+            }
+        }
+        worker.progress_until(None, |w| {
+            w.has_completions() || kick.load(Ordering::Acquire) || stop.load(Ordering::Acquire)
+        });
+        while let Some(c) = worker.poll_completion() {
+            match c {
+                Completion::Rpc { ep, id, result } => {
+                    if let Some(answer) = calls.remove(&(ep, id)) {
+                        let _ =
+                            answer.send(result.map(|r| r.payload.to_vec()).map_err(CallError::Rpc));
+                    }
+                }
+                Completion::Closed { ep, reason } => {
+                    tracing::debug!(?reason, "a Raft peer connection closed");
+                    peers.retain(|_, e| *e != ep);
+                }
+                Completion::Send { .. } | Completion::Established { .. } => {}
+            }
+        }
+    }
+}
+
+/// Serves incoming Raft RPCs with `raft` until the fabric node stops.
+pub async fn serve_raft(
+    raft: Raft<TypeConfig>,
+    mut inbound: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
+) {
+    while let Some(rpc) = inbound.recv().await {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let body = match rpc.kind {
+                KIND_APPEND => answer(&rpc.body, |r| raft.append_entries(r)).await,
+                KIND_VOTE => answer(&rpc.body, |r| raft.vote(r)).await,
+                KIND_SNAPSHOT => answer(&rpc.body, |r| raft.install_snapshot(r)).await,
+                other => {
+                    tracing::warn!(kind = other, "unknown Raft RPC");
+                    return;
+                }
+            };
+            match body {
+                Some(body) => rpc.reply.send(body),
+                None => tracing::warn!("an undecodable Raft RPC"),
+            }
+        });
+    }
+}
+
+async fn answer<Req, Resp, E, F, Fut>(body: &[u8], f: F) -> Option<Vec<u8>>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    E: Serialize,
+    F: FnOnce(Req) -> Fut,
+    Fut: std::future::Future<Output = Result<Resp, E>>,
+{
+    let request = serde_json::from_slice(body).ok()?;
+    let result = f(request).await;
+    serde_json::to_vec(&result).ok()
+}
+
+/// Creates [`PeerClient`]s for openraft.
+#[derive(Clone)]
+pub struct Network {
+    node: Arc<FabricNode>,
+}
+
+impl Network {
+    pub fn new(node: Arc<FabricNode>) -> Network {
+        Network { node }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            node: Arc::clone(&self.node),
+            target,
+            addr: node.addr.parse().ok(),
+            addr_text: node.addr.clone(),
+        }
+    }
+}
+
+/// One peer, as openraft talks to it.
+pub struct PeerClient {
+    node: Arc<FabricNode>,
+    target: u64,
+    addr: Option<SocketAddr>,
+    addr_text: String,
+}
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &self,
+        kind: u8,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let addr = self.addr.ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&CallError::Unreachable {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                why: format!("bad node address {:?}", self.addr_text),
+            }))
+        })?;
+        let body =
+            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let answer = self
+            .node
+            .call(addr, kind, body, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                CallError::Rpc(RpcError::Timeout) | CallError::Rpc(RpcError::BadMessage(_)) => {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+                _ => RPCError::Unreachable(Unreachable::new(&e)),
+            })?;
+        let result: Result<Resp, RaftError<u64, E>> = serde_json::from_slice(&answer)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(KIND_APPEND, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.call(KIND_SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(KIND_VOTE, &rpc, &option).await
+    }
+}

@@ -1,0 +1,161 @@
+//! Three Raft nodes in one process, each with its own log engine and fabric
+//! worker on loopback: they elect a leader, replicate writes to every state
+//! machine, and after the leader's fabric and Raft stop, the other two elect
+//! a new leader and go on. (The multi-process tests with kill -9 come with
+//! the chunkserver process.)
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::RecordingMachine;
+use openraft::{BasicNode, Config, Raft};
+use quiver_fabric::WorkerConfig;
+use quiver_raft::log::{LogConfig, LogEngine};
+use quiver_raft::net::{serve_raft, FabricNode, Network};
+use quiver_raft::store::{LogStore, Request, TypeConfig};
+
+const ELECTION_TIMEOUT_MAX_MS: u64 = 400;
+
+struct Node {
+    id: u64,
+    raft: Raft<TypeConfig>,
+    fabric: Arc<FabricNode>,
+    machine: RecordingMachine,
+    server: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(id: u64, config: Arc<Config>) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(LogEngine::open(LogConfig::new(dir.path())).unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let fabric = Arc::new(
+        FabricNode::start("127.0.0.1:0".parse().unwrap(), WorkerConfig::default(), tx).unwrap(),
+    );
+    let machine = RecordingMachine::default();
+    let raft = Raft::new(
+        id,
+        config,
+        Network::new(Arc::clone(&fabric)),
+        LogStore::new(engine, 1),
+        machine.clone(),
+    )
+    .await
+    .unwrap();
+    let server = tokio::spawn(serve_raft(raft.clone(), rx));
+    Node {
+        id,
+        raft,
+        fabric,
+        machine,
+        server,
+        _dir: dir,
+    }
+}
+
+async fn leader(nodes: &[&Node], within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        for n in nodes {
+            let m = n.raft.metrics().borrow().clone();
+            if m.current_leader == Some(n.id) {
+                return n.id;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn all_applied(nodes: &[&Node], count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes.iter().any(|n| n.machine.applied().len() < count) {
+        assert!(
+            Instant::now() < deadline,
+            "applied: {:?}",
+            nodes
+                .iter()
+                .map(|n| n.machine.applied().len())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = nodes[0].machine.applied();
+    for n in nodes {
+        assert_eq!(
+            n.machine.applied(),
+            first,
+            "node {} applied a different log",
+            n.id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
+    let config = Arc::new(
+        Config {
+            heartbeat_interval: 50,
+            election_timeout_min: ELECTION_TIMEOUT_MAX_MS / 2,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap(),
+    );
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start(id, Arc::clone(&config)).await);
+    }
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .map(|n| (n.id, BasicNode::new(n.fabric.addr.to_string())))
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let all: Vec<&Node> = nodes.iter().collect();
+    let first = leader(&all, Duration::from_secs(5)).await;
+    let by_id = |id: u64| nodes.iter().find(|n| n.id == id).unwrap();
+    for i in 0..50 {
+        by_id(first)
+            .raft
+            .client_write(Request(format!("write {i}").into_bytes()))
+            .await
+            .unwrap();
+    }
+    all_applied(&all, 50).await;
+
+    // The leader goes away: its fabric closes (peers see the connections
+    // end) and its Raft stops.
+    let old = by_id(first);
+    old.fabric.shutdown();
+    old.raft.shutdown().await.unwrap();
+    old.server.abort();
+    let stopped = Instant::now();
+    let rest: Vec<&Node> = nodes.iter().filter(|n| n.id != first).collect();
+    let second = leader(&rest, Duration::from_secs(5)).await;
+    let took = stopped.elapsed();
+    eprintln!(
+        "new leader {second} after {took:?} (election timeout max {ELECTION_TIMEOUT_MAX_MS} ms)"
+    );
+    assert_ne!(second, first);
+    assert!(
+        took < Duration::from_millis(2 * ELECTION_TIMEOUT_MAX_MS + 500),
+        "re-election took {took:?}"
+    );
+    for i in 50..70 {
+        by_id(second)
+            .raft
+            .client_write(Request(format!("write {i}").into_bytes()))
+            .await
+            .unwrap();
+    }
+    all_applied(&rest, 70).await;
+    for n in &nodes {
+        if n.id != first {
+            n.raft.shutdown().await.unwrap();
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! A state machine for tests of the Raft layer: it records the requests it
+//! applied, in memory (the chunk-store state machine is the real one).
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
+};
+use quiver_raft::store::{Response, TypeConfig};
+
+#[derive(Default)]
+struct State {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, openraft::BasicNode>,
+    applied: Vec<Vec<u8>>,
+    snapshot: Option<(SnapshotMeta<u64, openraft::BasicNode>, Vec<u8>)>,
+}
+
+#[derive(Clone, Default)]
+pub struct RecordingMachine(Arc<Mutex<State>>);
+
+impl RaftSnapshotBuilder<TypeConfig> for RecordingMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let mut s = self.0.lock().unwrap();
+        let data = serde_json::to_vec(&s.applied).unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: s.last_applied,
+            last_membership: s.membership.clone(),
+            snapshot_id: format!("{:?}", s.last_applied.map(|l| l.index)),
+        };
+        s.snapshot = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for RecordingMachine {
+    type SnapshotBuilder = RecordingMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<
+        (
+            Option<LogId<u64>>,
+            StoredMembership<u64, openraft::BasicNode>,
+        ),
+        StorageError<u64>,
+    > {
+        let s = self.0.lock().unwrap();
+        Ok((s.last_applied, s.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut s = self.0.lock().unwrap();
+        let mut out = Vec::new();
+        for entry in entries {
+            s.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(request) => s.applied.push(request.0),
+                EntryPayload::Membership(m) => {
+                    s.membership = StoredMembership::new(Some(entry.log_id), m);
+                }
+            }
+            out.push(Response::default());
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let data = snapshot.into_inner();
+        let mut s = self.0.lock().unwrap();
+        s.applied = serde_json::from_slice(&data).unwrap();
+        s.last_applied = meta.last_log_id;
+        s.membership = meta.last_membership.clone();
+        s.snapshot = Some((meta.clone(), data));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+        let s = self.0.lock().unwrap();
+        Ok(s.snapshot.clone().map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+impl RecordingMachine {
+    /// The requests applied so far, in order.
+    pub fn applied(&self) -> Vec<Vec<u8>> {
+        self.0.lock().unwrap().applied.clone()
+    }
+}
