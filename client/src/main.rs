@@ -45,6 +45,30 @@ enum BenchCommand {
     Fabric(BenchFabric),
     /// Latency and IOPS of the chunk store on local disk, against fio.
     Chunkstore(BenchChunkstore),
+    /// Durable appends of the shared Raft log engine from many groups, against fio.
+    Raftlog(BenchRaftlog),
+}
+
+#[derive(Args)]
+struct BenchRaftlog {
+    /// Raft groups appending at once, one thread each (queue depth 1 per group).
+    #[arg(long, default_value_t = 1)]
+    groups: u64,
+    /// Bytes per entry.
+    #[arg(long, default_value = "4k", value_parser = bench::parse_size)]
+    bs: u64,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Runs (medians are reported).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Directory for the log and fio's file [default: ./quiver-bench-data].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Also run fio: one stream writing bs and fdatasyncing each, queue depth 1.
+    #[arg(long, value_enum)]
+    baseline: Option<StoreBaselineKind>,
 }
 
 #[derive(Subcommand)]
@@ -200,6 +224,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Chunkstore(args),
         } => bench_chunkstore(args),
+        Command::Bench {
+            what: BenchCommand::Raftlog(args),
+        } => bench_raftlog(args),
         Command::Fabric {
             what:
                 FabricCommand::Serve {
@@ -315,6 +342,84 @@ fn bench_fabric(args: BenchFabric) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn bench_raftlog(args: BenchRaftlog) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.runs >= 1 && args.groups >= 1,
+        "--runs and --groups must be at least 1"
+    );
+    let duration = Duration::try_from_secs_f64(args.duration)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--duration must be a positive number of seconds")?;
+    let dir = args
+        .dir
+        .unwrap_or_else(|| PathBuf::from("quiver-bench-data"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let fio = args.baseline == Some(StoreBaselineKind::Fio);
+    let fio_file = dir.join("fio.dat");
+    let fio_workload = bench::chunkstore::Workload {
+        pattern: Pattern::Randwrite,
+        bs: args.bs,
+        iodepth: 1,
+        size: 256 << 20,
+        sync: SyncPolicy::Always,
+        limit: Limit::Duration(duration),
+        warmup: 0,
+    };
+    if fio {
+        bench::fio::check_installed()?;
+    }
+    let (mut ours, mut theirs, mut syncs) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        eprintln!(
+            "run {}/{}: quiver raft log, {} groups",
+            run + 1,
+            args.runs,
+            args.groups
+        );
+        let r = bench::raftlog::run(
+            &dir.join("raftlog"),
+            args.groups,
+            args.bs as usize,
+            duration,
+        )?;
+        syncs.push(r.log.syncs as f64 / r.log.requests.max(1) as f64);
+        ours.push(Figures::of(&r.stats));
+        if fio {
+            eprintln!("run {}/{}: fio", run + 1, args.runs);
+            theirs.push(bench::fio::run(&fio_workload, &fio_file)?);
+        }
+    }
+    let _ = std::fs::remove_file(&fio_file);
+    let ours = Figures::median(&ours);
+    syncs.sort_by(f64::total_cmp);
+    println!(
+        "bench raftlog: {} groups appending {}-byte entries, each waiting for durability",
+        args.groups, args.bs
+    );
+    println!("contender    p50 us    p99 us   appends/s   fdatasyncs per append");
+    println!(
+        "quiver     {:>8.1}  {:>8.1}  {:>10.0}   {:.3}",
+        ours.p50_us,
+        ours.p99_us,
+        ours.ops_per_s,
+        syncs[syncs.len() / 2]
+    );
+    if fio {
+        let fio = Figures::median(&theirs);
+        println!(
+            "fio        {:>8.1}  {:>8.1}  {:>10.0}   1 (write + fdatasync per block, QD1)",
+            fio.p50_us, fio.p99_us, fio.ops_per_s
+        );
+        println!(
+            "quiver / fio: p50 {:.2}x, appends/s {:.2}x",
+            ours.p50_us / fio.p50_us,
+            ours.ops_per_s / fio.ops_per_s
+        );
     }
     Ok(())
 }
