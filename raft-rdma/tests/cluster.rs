@@ -30,7 +30,11 @@ struct Node {
 
 async fn start(id: u64, config: Arc<Config>) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Arc::new(LogEngine::open(LogConfig::new(dir.path())).unwrap());
+    let log_config = LogConfig {
+        segment_bytes: 4 << 20,
+        ..LogConfig::new(dir.path())
+    };
+    let engine = Arc::new(LogEngine::open(log_config).unwrap());
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let fabric = Arc::new(
         FabricNode::start("127.0.0.1:0".parse().unwrap(), WorkerConfig::default(), tx).unwrap(),

@@ -188,11 +188,7 @@ fn corruption_before_the_tail_refuses_to_open() {
             append(&log, 1, 1 + round * 30, 31 + round * 30);
         }
     }
-    let mut segs: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    segs.sort();
+    let segs = segment_files(dir.path());
     assert!(segs.len() >= 2);
     let mut bytes = std::fs::read(&segs[0]).unwrap();
     bytes[4096 + 60] ^= 1;
@@ -336,11 +332,17 @@ fn acknowledged_appends_survive_kill_9() {
     );
 }
 
-fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+/// The segment files, oldest first (not the spare being prepared).
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
         .collect();
     segs.sort();
-    segs.pop().unwrap()
+    segs
+}
+
+fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    segment_files(dir).pop().unwrap()
 }

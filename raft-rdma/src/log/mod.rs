@@ -235,6 +235,11 @@ impl LogEngine {
         for dirent in std::fs::read_dir(&config.dir).map_err(io_error("listing", &config.dir))? {
             let path = dirent.map_err(io_error("listing", &config.dir))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("log-") && name.ends_with(".seg.tmp") {
+                // A spare segment being prepared when the process stopped.
+                std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+                continue;
+            }
             if let Some(seq) = name
                 .strip_prefix("log-")
                 .and_then(|n| n.strip_suffix(".seg"))
@@ -486,6 +491,8 @@ struct Writer {
     encoded_entries: Vec<(u64, u64)>,
     /// Purge points already durable: only these may retire a segment.
     durable_purged: HashMap<u64, u64>,
+    /// The next segment, being written with zeros on another thread.
+    spare: Option<JoinHandle<Result<PathBuf, LogError>>>,
 }
 
 impl Writer {
@@ -540,6 +547,7 @@ impl Writer {
             .filter_map(|(&group, g)| g.purged.map(|p| (group, p.index)))
             .collect();
         let mut writer = Writer {
+            spare: None,
             encoded_entries: Vec::new(),
             durable_purged,
             config,
@@ -551,6 +559,7 @@ impl Writer {
             arena,
             encoded: Vec::with_capacity(class),
         };
+        writer.prepare_spare();
         if writer.tail == 0 {
             // A fresh segment starts with every group's metadata.
             writer.encoded.clear();
@@ -563,7 +572,9 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut stop = false;
         while !stop {
-            let Ok(first) = rx.recv() else { break };
+            let Some(first) = next_request(&rx) else {
+                break;
+            };
             let mut batch = Vec::new();
             let mut bytes = 0;
             for op in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
@@ -610,6 +621,9 @@ impl Writer {
             if let Err(e) = self.delete_obsolete() {
                 tracing::warn!(error = %e, "deleting old log segments failed");
             }
+        }
+        if let Some(spare) = self.spare.take() {
+            let _ = spare.join();
         }
     }
 
@@ -703,7 +717,22 @@ impl Writer {
         self.wait("fdatasync")?;
         let seq = self.segments.last().map_or(1, |s| s.seq + 1);
         let path = self.config.dir.join(format!("log-{seq:016}.seg"));
-        self.file = create_segment(&path, self.config.segment_bytes, &self.config.dir)?;
+        self.file = match self.spare.take().map(|h| h.join()) {
+            Some(Ok(Ok(spare))) => {
+                std::fs::rename(&spare, &path).map_err(io_error("renaming", &spare))?;
+                File::open(&self.config.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_error("syncing the directory of", &path))?;
+                open_segment(&path, false)?
+            }
+            other => {
+                if let Some(Ok(Err(e))) = other {
+                    tracing::warn!(error = %e, "preparing a spare log segment failed; creating it now");
+                }
+                create_segment(&path, self.config.segment_bytes, &self.config.dir)?
+            }
+        };
+        self.prepare_spare();
         self.ring
             .set_file(0, self.file.as_raw_fd())
             .map_err(io_error("registering", &path))?;
@@ -718,6 +747,18 @@ impl Writer {
         // The metadata goes first in the new segment, then what was pending.
         self.encoded.extend_from_slice(&pending);
         Ok(())
+    }
+
+    /// Starts writing the segment after the open one, so a roll does not
+    /// wait for 64 MiB of zeros.
+    fn prepare_spare(&mut self) {
+        let seq = self.segments.last().map_or(1, |s| s.seq + 1);
+        let tmp = self.config.dir.join(format!("log-{seq:016}.seg.tmp"));
+        let (bytes, dir) = (self.config.segment_bytes, self.config.dir.clone());
+        self.spare = std::thread::Builder::new()
+            .name("raft-log-spare".into())
+            .spawn(move || create_segment(&tmp, bytes, &dir).map(|_| tmp))
+            .ok();
     }
 
     fn encode_metadata(&mut self) {
@@ -759,6 +800,28 @@ impl Writer {
     }
 }
 
+/// How long the writer polls for the next request before it sleeps: a
+/// Raft group at queue depth 1 sends its next append soon after the last one
+/// became durable, and a sleeping thread's wake-up (~60 us on an idle vCPU
+/// here) would be paid on every append.
+const WRITER_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// The next request: polled for a moment, then waited for. None when every
+/// sender is gone.
+fn next_request(rx: &mpsc::Receiver<Op>) -> Option<Op> {
+    let spin_until = std::time::Instant::now() + WRITER_SPIN;
+    loop {
+        match rx.try_recv() {
+            Ok(op) => return Some(op),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < spin_until => {
+                std::hint::spin_loop();
+            }
+            Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
+        }
+    }
+}
+
 fn open_segment(path: &Path, create: bool) -> Result<File, LogError> {
     OpenOptions::new()
         .read(true)
@@ -779,9 +842,36 @@ fn create_segment(path: &Path, bytes: u64, dir: &Path) -> Result<File, LogError>
         // Filesystems without fallocate: a sparse file of the right size.
         file.set_len(bytes).map_err(io_error("sizing", path))?;
     }
+    // Written, not only allocated: an append into allocated-but-unwritten
+    // blocks turns them into written ones, a metadata change that makes every
+    // fdatasync commit the filesystem journal too (the chunk pool preformats
+    // for the same reason).
+    zero_fill(path, bytes)?;
     file.sync_all().map_err(io_error("syncing", path))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error("syncing the directory of", path))?;
     Ok(file)
+}
+
+/// Writes zeros over the first `bytes` of the file at `path`, through the
+/// page cache, and drops the cached pages again.
+fn zero_fill(path: &Path, bytes: u64) -> Result<(), LogError> {
+    use std::io::Write;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_error("opening", path))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n])
+            .map_err(io_error("zero-filling", path))?;
+        left -= n as u64;
+    }
+    file.sync_data().map_err(io_error("syncing", path))?;
+    // SAFETY: fadvise on a descriptor we own, with integer arguments.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(())
 }
