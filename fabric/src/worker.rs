@@ -281,6 +281,24 @@ struct Endpoint {
     dead: bool,
 }
 
+impl Endpoint {
+    /// The transport failed: the endpoint is dead, for this reason.
+    fn fail(&mut self, reason: String) {
+        self.dead = true;
+        self.conn.handle_disconnect(CloseReason::Transport(reason));
+    }
+
+    /// The peer ended the connection (after our close, or on its own).
+    fn peer_closed(&mut self) {
+        let reason = if self.conn.is_closed() {
+            "closed"
+        } else {
+            "peer closed the connection"
+        };
+        self.fail(reason.into());
+    }
+}
+
 /// Wakes a worker sleeping in `progress` from another thread.
 #[derive(Clone)]
 pub struct WorkerWaker(Arc<mio::Waker>);
@@ -899,27 +917,22 @@ impl Worker {
                 }
                 match e.sock.read(space) {
                     Ok(0) => {
-                        e.dead = true;
-                        e.conn.handle_disconnect(CloseReason::Transport(
+                        e.fail(
                             "the peer closed the connection during the transport exchange".into(),
-                        ));
+                        );
                     }
                     Ok(n) => {
                         reads += 1;
                         if let Err(err) = exchange.handle_recv(n) {
                             tracing::warn!(peer = %e.peer, error = %err, "closing a connection that broke the transport exchange");
                             self.stats.closed_bad_frames += 1;
-                            e.dead = true;
-                            e.conn
-                                .handle_disconnect(CloseReason::Transport(err.to_string()));
+                            e.fail(err.to_string());
                         }
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => e.readable = false,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     Err(err) => {
-                        e.dead = true;
-                        e.conn
-                            .handle_disconnect(CloseReason::Transport(err.to_string()));
+                        e.fail(err.to_string());
                     }
                 }
             }
@@ -992,8 +1005,7 @@ impl Worker {
                                 retire_qp(self.verbs.as_mut(), &mut qp);
                             }
                             tracing::warn!(peer = %e.peer, %reason, "endpoint refused");
-                            e.dead = true;
-                            e.conn.handle_disconnect(CloseReason::Transport(reason));
+                            e.fail(reason);
                         }
                     }
                     return;
@@ -1020,14 +1032,7 @@ impl Worker {
             let offered = space.len();
             match e.sock.read(space) {
                 Ok(0) => {
-                    e.dead = true;
-                    let reason = if e.conn.is_closed() {
-                        "closed"
-                    } else {
-                        "peer closed the connection"
-                    };
-                    e.conn
-                        .handle_disconnect(CloseReason::Transport(reason.into()));
+                    e.peer_closed();
                     break;
                 }
                 Ok(n) => {
@@ -1051,9 +1056,7 @@ impl Worker {
                 }
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
-                    e.dead = true;
-                    e.conn
-                        .handle_disconnect(CloseReason::Transport(err.to_string()));
+                    e.fail(err.to_string());
                     break;
                 }
             }
@@ -1114,9 +1117,7 @@ impl Worker {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => e.writable = false,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
-                    e.dead = true;
-                    e.conn
-                        .handle_disconnect(CloseReason::Transport(err.to_string()));
+                    e.fail(err.to_string());
                 }
             }
         }
@@ -1362,10 +1363,7 @@ impl Worker {
                 if !e.dead {
                     let status = port::wc_status_name(wc.status);
                     tracing::warn!(peer = %e.peer, status, what, "RDMA work request failed; closing the endpoint");
-                    e.dead = true;
-                    e.conn.handle_disconnect(CloseReason::Transport(format!(
-                        "RDMA {what} failed: {status}"
-                    )));
+                    e.fail(format!("RDMA {what} failed: {status}"));
                 }
             }
         }
@@ -1453,21 +1451,11 @@ fn read_verbs_socket(e: &mut Endpoint) -> usize {
     loop {
         match e.sock.read(&mut scratch) {
             Ok(0) => {
-                e.dead = true;
-                let reason = if e.conn.is_closed() {
-                    "closed"
-                } else {
-                    "peer closed the connection"
-                };
-                e.conn
-                    .handle_disconnect(CloseReason::Transport(reason.into()));
+                e.peer_closed();
                 return 1;
             }
             Ok(_) => {
-                e.dead = true;
-                e.conn.handle_disconnect(CloseReason::Transport(
-                    "bytes on the TCP socket of a verbs endpoint".into(),
-                ));
+                e.fail("bytes on the TCP socket of a verbs endpoint".into());
                 return 1;
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
@@ -1476,9 +1464,7 @@ fn read_verbs_socket(e: &mut Endpoint) -> usize {
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => {
-                e.dead = true;
-                e.conn
-                    .handle_disconnect(CloseReason::Transport(err.to_string()));
+                e.fail(err.to_string());
                 return 1;
             }
         }
