@@ -100,6 +100,11 @@ async fn all_applied(nodes: &[&Node], count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
+    // Logs say which transport each endpoint chose (RUST_LOG=quiver_fabric=info).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let config = Arc::new(
         Config {
             heartbeat_interval: 50,
