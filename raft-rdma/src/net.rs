@@ -8,8 +8,10 @@
 //! [`Replier`]. Endpoints to peers are made on first use, on whichever
 //! transport the fabric negotiates (verbs where both sides have RDMA).
 //!
-//! Messages: a one-byte header names the RPC (append, vote, snapshot), the
-//! body is the openraft request or `Result<response, RaftError>` as JSON.
+//! Messages: a 9-byte header names the RPC (append, vote, snapshot) and the
+//! Raft group (copyset) it is for, so one fabric node carries every copyset
+//! of a server; the body is the openraft request or `Result<response,
+//! RaftError>` as JSON.
 //! (Entry payloads are copied into that encoding for now: carrying them as
 //! fabric buffers without a copy is issue 5's remaining work.) A fabric
 //! failure to reach the peer (no connection, disconnect) is openraft's
@@ -45,6 +47,18 @@ pub const RAFT_AM_ID: u16 = 16;
 const KIND_APPEND: u8 = 1;
 const KIND_VOTE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
+/// Header of a Raft RPC: kind, then group (u64 LE).
+const HEADER_BYTES: usize = 9;
+
+fn header(kind: u8, group: u64) -> [u8; HEADER_BYTES] {
+    let mut h = [0u8; HEADER_BYTES];
+    h[0] = kind;
+    h[1..].copy_from_slice(&group.to_le_bytes());
+    h
+}
+
+/// The Raft groups a node serves, by group id.
+pub type Groups = Arc<std::sync::RwLock<HashMap<u64, Raft<TypeConfig>>>>;
 
 /// Why a call to a peer failed, in fabric terms.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +76,7 @@ type Answer = tokio::sync::oneshot::Sender<Result<Vec<u8>, CallError>>;
 enum Cmd {
     Call {
         addr: SocketAddr,
-        kind: u8,
+        header: [u8; HEADER_BYTES],
         body: Vec<u8>,
         timeout: Duration,
         answer: Answer,
@@ -77,6 +91,7 @@ enum Cmd {
 /// An incoming Raft RPC for the runtime to serve.
 pub struct Incoming {
     pub kind: u8,
+    pub group: u64,
     pub body: Vec<u8>,
     pub reply: Replier,
 }
@@ -169,16 +184,28 @@ impl FabricNode {
                     }
                     AmData::Aborted => return,
                 };
-                let (Some(&kind), Some(reply_to)) = (m.header.first(), m.reply_to) else {
-                    tracing::warn!("a Raft message that is not an RPC");
+                let (Ok(h), Some(reply_to)) =
+                    (<[u8; HEADER_BYTES]>::try_from(&m.header[..]), m.reply_to)
+                else {
+                    tracing::warn!("a Raft message that is not a Raft RPC");
                     return;
                 };
+                let kind = h[0];
+                let group = u64::from_le_bytes(h[1..].try_into().expect("8 bytes"));
                 let reply = Replier {
                     ep: ctx.endpoint(),
                     reply_to,
                     link: handler_link.clone(),
                 };
-                if inbound.send(Incoming { kind, body, reply }).is_err() {
+                if inbound
+                    .send(Incoming {
+                        kind,
+                        group,
+                        body,
+                        reply,
+                    })
+                    .is_err()
+                {
                     tracing::debug!("a Raft RPC for a node that stopped");
                 }
             }),
@@ -197,18 +224,18 @@ impl FabricNode {
         })
     }
 
-    /// Calls `kind` on the node at `addr` and waits for its answer.
+    /// Calls `kind` for `group` on the node at `addr` and waits for its answer.
     pub async fn call(
         &self,
         addr: SocketAddr,
-        kind: u8,
+        (kind, group): (u8, u64),
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
         let (answer, rx) = tokio::sync::oneshot::channel();
         if !self.link.push(Cmd::Call {
             addr,
-            kind,
+            header: header(kind, group),
             body,
             timeout,
             answer,
@@ -253,7 +280,7 @@ fn serve(
             match cmd {
                 Cmd::Call {
                     addr,
-                    kind,
+                    header,
                     body,
                     timeout,
                     answer,
@@ -274,7 +301,7 @@ fn serve(
                             }
                         },
                     };
-                    match worker.rpc_call(ep, RAFT_AM_ID, &[kind], Payload::Bytes(&body), timeout) {
+                    match worker.rpc_call(ep, RAFT_AM_ID, &header, Payload::Bytes(&body), timeout) {
                         Ok(id) => {
                             calls.insert((ep, id), answer);
                         }
@@ -317,13 +344,22 @@ fn serve(
     }
 }
 
-/// Serves incoming Raft RPCs with `raft` until the fabric node stops.
+/// Serves incoming Raft RPCs with the node's `groups` until the fabric node
+/// stops. An RPC for a group the node does not host goes unanswered (the
+/// caller times out and retries, as for a node that is down).
 pub async fn serve_raft(
-    raft: Raft<TypeConfig>,
+    groups: Groups,
     mut inbound: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
 ) {
     while let Some(rpc) = inbound.recv().await {
-        let raft = raft.clone();
+        let raft = groups.read().expect("groups lock").get(&rpc.group).cloned();
+        let Some(raft) = raft else {
+            tracing::debug!(
+                group = rpc.group,
+                "a Raft RPC for a group this node does not host"
+            );
+            continue;
+        };
         tokio::spawn(async move {
             let body = match rpc.kind {
                 KIND_APPEND => answer(&rpc.body, |r| raft.append_entries(r)).await,
@@ -359,11 +395,13 @@ where
 #[derive(Clone)]
 pub struct Network {
     node: Arc<FabricNode>,
+    group: u64,
 }
 
 impl Network {
-    pub fn new(node: Arc<FabricNode>) -> Network {
-        Network { node }
+    /// The network of Raft group `group`, over `node`.
+    pub fn new(node: Arc<FabricNode>, group: u64) -> Network {
+        Network { node, group }
     }
 }
 
@@ -373,6 +411,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
         PeerClient {
             node: Arc::clone(&self.node),
+            group: self.group,
             target,
             addr: node.addr.parse().ok(),
             addr_text: node.addr.clone(),
@@ -383,6 +422,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// One peer, as openraft talks to it.
 pub struct PeerClient {
     node: Arc<FabricNode>,
+    group: u64,
     target: u64,
     addr: Option<SocketAddr>,
     addr_text: String,
@@ -410,7 +450,7 @@ impl PeerClient {
             serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let answer = self
             .node
-            .call(addr, kind, body, option.hard_ttl())
+            .call(addr, (kind, self.group), body, option.hard_ttl())
             .await
             .map_err(|e| match e {
                 CallError::Rpc(RpcError::Timeout) | CallError::Rpc(RpcError::BadMessage(_)) => {

@@ -14,7 +14,7 @@ use common::RecordingMachine;
 use openraft::{BasicNode, Config, Raft};
 use quiver_fabric::WorkerConfig;
 use quiver_raft::log::{LogConfig, LogEngine};
-use quiver_raft::net::{serve_raft, FabricNode, Network};
+use quiver_raft::net::{serve_raft, FabricNode, Groups, Network};
 use quiver_raft::store::{LogStore, Request, TypeConfig};
 
 const ELECTION_TIMEOUT_MAX_MS: u64 = 400;
@@ -43,13 +43,15 @@ async fn start(id: u64, config: Arc<Config>) -> Node {
     let raft = Raft::new(
         id,
         config,
-        Network::new(Arc::clone(&fabric)),
+        Network::new(Arc::clone(&fabric), 1),
         LogStore::new(engine, 1),
         machine.clone(),
     )
     .await
     .unwrap();
-    let server = tokio::spawn(serve_raft(raft.clone(), rx));
+    let groups = Groups::default();
+    groups.write().unwrap().insert(1, raft.clone());
+    let server = tokio::spawn(serve_raft(groups, rx));
     Node {
         id,
         raft,
