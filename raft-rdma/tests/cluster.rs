@@ -1,8 +1,9 @@
-//! Three Raft nodes in one process, each with its own log engine and fabric
-//! worker on loopback: they elect a leader, replicate writes to every state
+//! Raft nodes in one process, each with its own log engine and fabric worker
+//! on loopback: three elect a leader, replicate writes to every state
 //! machine, and after the leader's fabric and Raft stop, the other two elect
-//! a new leader and go on. (The multi-process tests with kill -9 come with
-//! the chunkserver process.)
+//! a new leader and go on; a fourth joins and replaces a follower by a
+//! membership change. (The multi-process tests with kill -9 come with the
+//! chunkserver process.)
 
 mod common;
 
@@ -168,5 +169,65 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
         if n.id != first {
             n.raft.shutdown().await.unwrap();
         }
+    }
+}
+
+/// Joint consensus over the fabric: a fourth node joins as a learner, catches
+/// up from the log, replaces a follower as a voter, and gets every write; the
+/// removed node is out of the configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_and_another_leaves_by_membership_change() {
+    let config = Arc::new(
+        Config {
+            heartbeat_interval: 50,
+            election_timeout_min: ELECTION_TIMEOUT_MAX_MS / 2,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap(),
+    );
+    let mut nodes = Vec::new();
+    for id in 1..=4 {
+        nodes.push(start(id, Arc::clone(&config)).await);
+    }
+    let node = |id: u64| BasicNode::new(nodes[id as usize - 1].fabric.addr.to_string());
+    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, node(id))).collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let voters: Vec<&Node> = nodes[..3].iter().collect();
+    let leader_id = leader(&voters, Duration::from_secs(5)).await;
+    let leader_raft = nodes[leader_id as usize - 1].raft.clone();
+    for i in 0..20 {
+        leader_raft
+            .client_write(Request(format!("before {i}").into_bytes()))
+            .await
+            .unwrap();
+    }
+    // Node 4 joins as a learner (blocking: until it has caught up).
+    leader_raft.add_learner(4, node(4), true).await.unwrap();
+    // ... and replaces a follower as a voter.
+    let leaving = (1..=3).find(|&id| id != leader_id).unwrap();
+    let new_voters: std::collections::BTreeSet<u64> = (1..=4).filter(|&id| id != leaving).collect();
+    leader_raft
+        .change_membership(new_voters.clone(), false)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        leader_raft
+            .client_write(Request(format!("after {i}").into_bytes()))
+            .await
+            .unwrap();
+    }
+    let staying: Vec<&Node> = nodes.iter().filter(|n| n.id != leaving).collect();
+    all_applied(&staying, 40).await;
+    let membership = leader_raft.metrics().borrow().membership_config.clone();
+    let now: std::collections::BTreeSet<u64> = membership.membership().voter_ids().collect();
+    assert_eq!(now, new_voters, "{membership:?}");
+    assert!(
+        membership.membership().get_node(&leaving).is_none(),
+        "node {leaving} is still in {membership:?}"
+    );
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
     }
 }
