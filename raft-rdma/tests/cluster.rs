@@ -63,6 +63,20 @@ async fn start(id: u64, config: Arc<Config>) -> Node {
     }
 }
 
+/// Heartbeats every 50 ms, elections after 200-400 ms of silence.
+fn raft_config() -> Arc<Config> {
+    Arc::new(
+        Config {
+            heartbeat_interval: 50,
+            election_timeout_min: ELECTION_TIMEOUT_MAX_MS / 2,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap(),
+    )
+}
+
 async fn leader(nodes: &[&Node], within: Duration) -> u64 {
     let deadline = Instant::now() + within;
     loop {
@@ -108,16 +122,7 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let config = Arc::new(
-        Config {
-            heartbeat_interval: 50,
-            election_timeout_min: ELECTION_TIMEOUT_MAX_MS / 2,
-            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
-            ..Config::default()
-        }
-        .validate()
-        .unwrap(),
-    );
+    let config = raft_config();
     let mut nodes = Vec::new();
     for id in 1..=3 {
         nodes.push(start(id, Arc::clone(&config)).await);
@@ -177,16 +182,7 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
 /// removed node is out of the configuration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_and_another_leaves_by_membership_change() {
-    let config = Arc::new(
-        Config {
-            heartbeat_interval: 50,
-            election_timeout_min: ELECTION_TIMEOUT_MAX_MS / 2,
-            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
-            ..Config::default()
-        }
-        .validate()
-        .unwrap(),
-    );
+    let config = raft_config();
     let mut nodes = Vec::new();
     for id in 1..=4 {
         nodes.push(start(id, Arc::clone(&config)).await);

@@ -451,11 +451,6 @@ impl LogEngine {
     pub fn stats(&self) -> LogStats {
         self.lock().stats
     }
-
-    /// Groups the log knows.
-    pub fn groups(&self) -> Vec<u64> {
-        self.lock().groups.keys().copied().collect()
-    }
 }
 
 impl Drop for LogEngine {
@@ -493,6 +488,8 @@ struct Writer {
     durable_purged: HashMap<u64, u64>,
     /// The next segment, being written with zeros on another thread.
     spare: Option<JoinHandle<Result<PathBuf, LogError>>>,
+    /// Completions taken from the ring (kept, so waiting allocates nothing).
+    cqes: Vec<quiver_chunkstore::uring::Cqe>,
 }
 
 impl Writer {
@@ -548,6 +545,7 @@ impl Writer {
             .collect();
         let mut writer = Writer {
             spare: None,
+            cqes: Vec::with_capacity(1),
             encoded_entries: Vec::new(),
             durable_purged,
             config,
@@ -697,10 +695,9 @@ impl Writer {
 
     fn wait(&mut self, what: &'static str) -> Result<u32, LogError> {
         self.ring.submit_and_wait(1)?;
-        let mut cqes = Vec::with_capacity(1);
         loop {
-            self.ring.reap(&mut cqes);
-            if let Some(c) = cqes.first() {
+            self.ring.reap(&mut self.cqes);
+            if let Some(c) = self.cqes.first() {
                 return c.result.map_err(|e| LogError::Io {
                     op: what,
                     path: self.segments.last().expect("open").path.clone(),
