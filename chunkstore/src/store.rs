@@ -183,6 +183,8 @@ pub struct ChunkStore {
     arena: Arena,
     pool: Pool,
     chunks: HashMap<ChunkKey, Chunk>,
+    /// Chunks written without sync since their last fdatasync.
+    dirty: std::collections::HashSet<ChunkKey>,
     free_slots: Vec<u32>,
     ops: Vec<Option<Op>>,
     free_ops: Vec<usize>,
@@ -222,6 +224,7 @@ impl ChunkStore {
             done: VecDeque::with_capacity(config.ops_max),
             cqes: Vec::with_capacity(2 * RING_ENTRIES as usize),
             chunks: HashMap::new(),
+            dirty: Default::default(),
             config,
             arena,
             pool,
@@ -514,6 +517,28 @@ impl ChunkStore {
         })
     }
 
+    /// Makes every write done without sync durable: waits for the chunks
+    /// written that way and fdatasyncs their files. Returns how many files
+    /// it synced. (A replicated store writes without sync, its log being
+    /// durable, and calls this before it may forget that log.)
+    pub fn sync_dirty(&mut self) -> Result<usize, StoreError> {
+        let dirty: Vec<ChunkKey> = self.dirty.drain().collect();
+        let mut synced = 0;
+        for key in dirty {
+            self.drain_chunk(key)?;
+            let Some(chunk) = self.chunks.get(&key) else {
+                continue; // deleted since: its file went back to the pool
+            };
+            // Its checksum pages went out with the data: only the sync is left.
+            let file = &chunk.file;
+            file.file
+                .sync_data()
+                .map_err(|e| StoreError::io("fdatasync", &file.path, &e))?;
+            synced += 1;
+        }
+        Ok(synced)
+    }
+
     /// Every chunk the store holds.
     pub fn list(&self) -> Vec<ChunkKey> {
         let mut keys: Vec<_> = self.chunks.keys().copied().collect();
@@ -595,6 +620,9 @@ impl ChunkStore {
         }
         if data.placement().fixed_index.is_none() {
             return Err(StoreError::Unregistered);
+        }
+        if !sync {
+            self.dirty.insert(key);
         }
         self.start_op(token, key, pages, OpKind::Write { data, sync })
     }

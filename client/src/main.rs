@@ -37,6 +37,48 @@ enum Command {
         #[command(subcommand)]
         what: FabricCommand,
     },
+    /// Run a chunkserver: copysets replicated with Raft, on one data directory.
+    Chunkserver {
+        /// TOML configuration (node_id, listen, data_dir, ...; see ARCHITECTURE.md).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Operate chunkservers directly (until the control plane does it).
+    Admin {
+        #[command(subcommand)]
+        what: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a copyset on its three (or more) chunkservers.
+    CreateCopyset {
+        /// Copyset id.
+        #[arg(long)]
+        copyset: u32,
+        /// Members as NODE=ADDR, comma separated: 1=127.0.0.1:7801,2=...
+        #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+        peers: Vec<(u64, String)>,
+    },
+    /// Print a chunkserver's copysets: leader, term, applied index, chunks.
+    Status {
+        /// The chunkserver's fabric address.
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_peer(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NODE=ADDR"))?;
+    let id = id.parse().map_err(|e| format!("node id {id:?}: {e}"))?;
+    addr.parse::<SocketAddr>()
+        .map_err(|e| format!("address {addr:?}: {e}"))?;
+    Ok((id, addr.to_string()))
 }
 
 #[derive(Subcommand)]
@@ -245,7 +287,79 @@ fn main() -> anyhow::Result<()> {
         Command::Fabric {
             what: FabricCommand::Devices,
         } => fabric_devices(),
+        Command::Chunkserver { config } => chunkserver(&config),
+        Command::Admin { what } => admin(what),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn chunkserver(path: &std::path::Path) -> anyhow::Result<()> {
+    use quiver_raft::chunkserver::{Chunkserver, ChunkserverConfig};
+    let config = ChunkserverConfig::load(path)?;
+    runtime()?.block_on(async move {
+        let server = Chunkserver::start(config).await?;
+        eprintln!("quiver chunkserver: serving on {}", server.addr());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("quiver chunkserver: stopping");
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+fn admin(what: AdminCommand) -> anyhow::Result<()> {
+    use quiver_raft::chunk_client::ChunkClient;
+    runtime()?.block_on(async move {
+        let client = ChunkClient::start(quiver_fabric::WorkerConfig::default())?;
+        match what {
+            AdminCommand::CreateCopyset { copyset, peers } => {
+                anyhow::ensure!(!peers.is_empty(), "--peers names no member");
+                let peers: std::collections::BTreeMap<u64, String> = peers.into_iter().collect();
+                client.create_copyset(copyset, &peers).await?;
+                println!("copyset {copyset} created on {} servers", peers.len());
+            }
+            AdminCommand::Status { server, json } => {
+                let status = client.status(server).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    println!(
+                        "node {} at {} ({}), {} copysets",
+                        status.node,
+                        status.addr,
+                        status.transport,
+                        status.copysets.len()
+                    );
+                    println!("copyset  leader  term  applied  last-log  snapshot  chunks  voters");
+                    for c in status.copysets {
+                        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+                        println!(
+                            "{:>7}  {:>6}  {:>4}  {:>7}  {:>8}  {:>8}  {:>6}  {:?}",
+                            c.copyset,
+                            opt(c.leader),
+                            c.term,
+                            opt(c.last_applied),
+                            opt(c.last_log),
+                            opt(c.snapshot),
+                            c.chunks,
+                            c.voters
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 fn fabric_devices() -> anyhow::Result<()> {

@@ -11,9 +11,12 @@
 //! Messages: a 9-byte header names the RPC (append, vote, snapshot) and the
 //! Raft group (copyset) it is for, so one fabric node carries every copyset
 //! of a server; the body is the openraft request or `Result<response,
-//! RaftError>` as JSON.
-//! (Entry payloads are copied into that encoding for now: carrying them as
-//! fabric buffers without a copy is issue 5's remaining work.) A fabric
+//! RaftError>` in bincode (entry payloads are raw bytes in it, not 3-4
+//! times their size as JSON would make them). The node carries a second service the same way, the
+//! chunk service of [`crate::service`] (its own AM id): a chunkserver has one
+//! fabric node for Raft between servers and for its clients.
+//! (Entry payloads are copied into that encoding: carrying them as fabric
+//! buffers without a copy is still to do.) A fabric
 //! failure to reach the peer (no connection, disconnect) is openraft's
 //! `Unreachable` (it backs off); a timeout or a bad answer is `Network`.
 
@@ -35,20 +38,39 @@ use openraft::raft::{
 use openraft::{BasicNode, Raft};
 use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 use quiver_fabric::{
-    AmData, Completion, EndpointId, Payload, RpcError, RpcId, Worker, WorkerConfig, WorkerWaker,
+    AmData, Completion, EndpointId, Payload, RpcError, RpcId, RpcReply, Worker, WorkerConfig,
+    WorkerWaker,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::store::TypeConfig;
 
-/// The fabric AM id of Raft RPCs.
-pub const RAFT_AM_ID: u16 = 16;
+/// The services a [`FabricNode`] carries, each under its own AM id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Raft RPCs between the servers of a copyset.
+    Raft,
+    /// The chunk service of [`crate::service`] (clients and snapshot fetch).
+    Chunk,
+}
+
+impl Service {
+    pub const ALL: [Service; 2] = [Service::Raft, Service::Chunk];
+
+    pub fn am_id(self) -> u16 {
+        match self {
+            Service::Raft => 16,
+            Service::Chunk => 17,
+        }
+    }
+}
+
 const KIND_APPEND: u8 = 1;
 const KIND_VOTE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
-/// Header of a Raft RPC: kind, then group (u64 LE).
-const HEADER_BYTES: usize = 9;
+/// Header of an RPC of either service: kind, then group (u64 LE).
+pub const HEADER_BYTES: usize = 9;
 
 fn header(kind: u8, group: u64) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
@@ -71,11 +93,12 @@ pub enum CallError {
     Stopped,
 }
 
-type Answer = tokio::sync::oneshot::Sender<Result<Vec<u8>, CallError>>;
+type Answer = tokio::sync::oneshot::Sender<Result<RpcReply, CallError>>;
 
 enum Cmd {
     Call {
         addr: SocketAddr,
+        service: Service,
         header: [u8; HEADER_BYTES],
         body: Vec<u8>,
         timeout: Duration,
@@ -83,13 +106,16 @@ enum Cmd {
     },
     Reply {
         ep: EndpointId,
+        service: Service,
         reply_to: u64,
+        header: Vec<u8>,
         body: Vec<u8>,
     },
 }
 
-/// An incoming Raft RPC for the runtime to serve.
+/// An incoming RPC for the runtime to serve.
 pub struct Incoming {
+    pub service: Service,
     pub kind: u8,
     pub group: u64,
     pub body: Vec<u8>,
@@ -99,15 +125,22 @@ pub struct Incoming {
 /// Answers one incoming RPC from any thread.
 pub struct Replier {
     ep: EndpointId,
+    service: Service,
     reply_to: u64,
     link: Link,
 }
 
 impl Replier {
     pub fn send(self, body: Vec<u8>) {
+        self.send_with_header(Vec::new(), body);
+    }
+
+    pub fn send_with_header(self, header: Vec<u8>, body: Vec<u8>) {
         self.link.push(Cmd::Reply {
             ep: self.ep,
+            service: self.service,
             reply_to: self.reply_to,
+            header,
             body,
         });
     }
@@ -170,46 +203,49 @@ impl FabricNode {
             kick: Arc::new(AtomicBool::new(false)),
             waker: worker.waker(),
         };
-        let handler_link = link.clone();
-        worker.set_am_handler(
-            RAFT_AM_ID,
-            Box::new(move |ctx, m| {
-                let body = match m.data {
-                    AmData::Eager(p) | AmData::Pulled(p) => p.to_vec(),
-                    AmData::Rendezvous(desc) => {
-                        if let Err(e) = ctx.pull_into_arena(desc) {
-                            tracing::warn!(error = %e, "dropping a Raft RPC");
+        for service in Service::ALL {
+            let handler_link = link.clone();
+            let inbound = inbound.clone();
+            worker.set_am_handler(
+                service.am_id(),
+                Box::new(move |ctx, m| {
+                    let body = match m.data {
+                        AmData::Eager(p) | AmData::Pulled(p) => p.to_vec(),
+                        AmData::Rendezvous(desc) => {
+                            if let Err(e) = ctx.pull_into_arena(desc) {
+                                tracing::warn!(error = %e, ?service, "dropping an RPC");
+                            }
+                            return;
                         }
+                        AmData::Aborted => return,
+                    };
+                    let (Ok(h), Some(reply_to)) =
+                        (<[u8; HEADER_BYTES]>::try_from(&m.header[..]), m.reply_to)
+                    else {
+                        tracing::warn!(?service, "a message that is not an RPC of the service");
                         return;
-                    }
-                    AmData::Aborted => return,
-                };
-                let (Ok(h), Some(reply_to)) =
-                    (<[u8; HEADER_BYTES]>::try_from(&m.header[..]), m.reply_to)
-                else {
-                    tracing::warn!("a Raft message that is not a Raft RPC");
-                    return;
-                };
-                let kind = h[0];
-                let group = u64::from_le_bytes(h[1..].try_into().expect("8 bytes"));
-                let reply = Replier {
-                    ep: ctx.endpoint(),
-                    reply_to,
-                    link: handler_link.clone(),
-                };
-                if inbound
-                    .send(Incoming {
+                    };
+                    let kind = h[0];
+                    let group = u64::from_le_bytes(h[1..].try_into().expect("8 bytes"));
+                    let reply = Replier {
+                        ep: ctx.endpoint(),
+                        service,
+                        reply_to,
+                        link: handler_link.clone(),
+                    };
+                    let rpc = Incoming {
+                        service,
                         kind,
                         group,
                         body,
                         reply,
-                    })
-                    .is_err()
-                {
-                    tracing::debug!("a Raft RPC for a node that stopped");
-                }
-            }),
-        );
+                    };
+                    if inbound.send(rpc).is_err() {
+                        tracing::debug!("an RPC for a node that stopped");
+                    }
+                }),
+            );
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
         let kick = Arc::clone(&link.kick);
@@ -224,17 +260,20 @@ impl FabricNode {
         })
     }
 
-    /// Calls `kind` for `group` on the node at `addr` and waits for its answer.
+    /// Calls `kind` of `service` for `group` on the node at `addr` and waits
+    /// for its answer.
     pub async fn call(
         &self,
         addr: SocketAddr,
+        service: Service,
         (kind, group): (u8, u64),
         body: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, CallError> {
+    ) -> Result<RpcReply, CallError> {
         let (answer, rx) = tokio::sync::oneshot::channel();
         if !self.link.push(Cmd::Call {
             addr,
+            service,
             header: header(kind, group),
             body,
             timeout,
@@ -280,6 +319,7 @@ fn serve(
             match cmd {
                 Cmd::Call {
                     addr,
+                    service,
                     header,
                     body,
                     timeout,
@@ -301,7 +341,13 @@ fn serve(
                             }
                         },
                     };
-                    match worker.rpc_call(ep, RAFT_AM_ID, &header, Payload::Bytes(&body), timeout) {
+                    match worker.rpc_call(
+                        ep,
+                        service.am_id(),
+                        &header,
+                        Payload::Bytes(&body),
+                        timeout,
+                    ) {
                         Ok(id) => {
                             calls.insert((ep, id), answer);
                         }
@@ -314,11 +360,16 @@ fn serve(
                         }
                     }
                 }
-                Cmd::Reply { ep, reply_to, body } => {
-                    if let Err(e) =
-                        worker.reply(ep, RAFT_AM_ID, reply_to, &[], Payload::Bytes(&body))
-                    {
-                        tracing::debug!(error = %e, "a Raft reply to a peer that left");
+                Cmd::Reply {
+                    ep,
+                    service,
+                    reply_to,
+                    header,
+                    body,
+                } => {
+                    let payload = Payload::Bytes(&body);
+                    if let Err(e) = worker.reply(ep, service.am_id(), reply_to, &header, payload) {
+                        tracing::debug!(error = %e, "a reply to a peer that left");
                     }
                 }
             }
@@ -330,8 +381,7 @@ fn serve(
             match c {
                 Completion::Rpc { ep, id, result } => {
                     if let Some(answer) = calls.remove(&(ep, id)) {
-                        let _ =
-                            answer.send(result.map(|r| r.payload.to_vec()).map_err(CallError::Rpc));
+                        let _ = answer.send(result.map_err(CallError::Rpc));
                     }
                 }
                 Completion::Closed { ep, reason } => {
@@ -345,37 +395,43 @@ fn serve(
 }
 
 /// Serves incoming Raft RPCs with the node's `groups` until the fabric node
-/// stops. An RPC for a group the node does not host goes unanswered (the
-/// caller times out and retries, as for a node that is down).
+/// stops (a node that carries only Raft).
 pub async fn serve_raft(
     groups: Groups,
     mut inbound: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
 ) {
     while let Some(rpc) = inbound.recv().await {
-        let raft = groups.read().expect("groups lock").get(&rpc.group).cloned();
-        let Some(raft) = raft else {
-            tracing::debug!(
-                group = rpc.group,
-                "a Raft RPC for a group this node does not host"
-            );
-            continue;
-        };
-        tokio::spawn(async move {
-            let body = match rpc.kind {
-                KIND_APPEND => answer(&rpc.body, |r| raft.append_entries(r)).await,
-                KIND_VOTE => answer(&rpc.body, |r| raft.vote(r)).await,
-                KIND_SNAPSHOT => answer(&rpc.body, |r| raft.install_snapshot(r)).await,
-                other => {
-                    tracing::warn!(kind = other, "unknown Raft RPC");
-                    return;
-                }
-            };
-            match body {
-                Some(body) => rpc.reply.send(body),
-                None => tracing::warn!("an undecodable Raft RPC"),
-            }
-        });
+        handle_raft(&groups, rpc);
     }
+}
+
+/// Serves one incoming Raft RPC on its own task. An RPC for a group the node
+/// does not host goes unanswered (the caller times out and retries, as for a
+/// node that is down).
+pub fn handle_raft(groups: &Groups, rpc: Incoming) {
+    let raft = groups.read().expect("groups lock").get(&rpc.group).cloned();
+    let Some(raft) = raft else {
+        tracing::debug!(
+            group = rpc.group,
+            "a Raft RPC for a group this node does not host"
+        );
+        return;
+    };
+    tokio::spawn(async move {
+        let body = match rpc.kind {
+            KIND_APPEND => answer(&rpc.body, |r| raft.append_entries(r)).await,
+            KIND_VOTE => answer(&rpc.body, |r| raft.vote(r)).await,
+            KIND_SNAPSHOT => answer(&rpc.body, |r| raft.install_snapshot(r)).await,
+            other => {
+                tracing::warn!(kind = other, "unknown Raft RPC");
+                return;
+            }
+        };
+        match body {
+            Some(body) => rpc.reply.send(body),
+            None => tracing::warn!("an undecodable Raft RPC"),
+        }
+    });
 }
 
 async fn answer<Req, Resp, E, F, Fut>(body: &[u8], f: F) -> Option<Vec<u8>>
@@ -386,9 +442,9 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: std::future::Future<Output = Result<Resp, E>>,
 {
-    let request = serde_json::from_slice(body).ok()?;
+    let request = bincode::deserialize(body).ok()?;
     let result = f(request).await;
-    serde_json::to_vec(&result).ok()
+    bincode::serialize(&result).ok()
 }
 
 /// Creates [`PeerClient`]s for openraft.
@@ -447,10 +503,16 @@ impl PeerClient {
             }))
         })?;
         let body =
-            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            bincode::serialize(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let answer = self
             .node
-            .call(addr, (kind, self.group), body, option.hard_ttl())
+            .call(
+                addr,
+                Service::Raft,
+                (kind, self.group),
+                body,
+                option.hard_ttl(),
+            )
             .await
             .map_err(|e| match e {
                 CallError::Rpc(RpcError::Timeout) | CallError::Rpc(RpcError::BadMessage(_)) => {
@@ -458,7 +520,7 @@ impl PeerClient {
                 }
                 _ => RPCError::Unreachable(Unreachable::new(&e)),
             })?;
-        let result: Result<Resp, RaftError<u64, E>> = serde_json::from_slice(&answer)
+        let result: Result<Resp, RaftError<u64, E>> = bincode::deserialize(&answer.payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }

@@ -25,11 +25,11 @@ use crate::log::{self, LogEngine, LogError};
 
 /// A client request as Raft carries it: opaque bytes the state machine decodes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request(pub Vec<u8>);
+pub struct Request(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 /// What applying a request answered.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Response(pub Vec<u8>);
+pub struct Response(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 openraft::declare_raft_types!(
     /// Raft types of a copyset.

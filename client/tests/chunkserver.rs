@@ -1,0 +1,336 @@
+//! Three `quiver chunkserver` processes on loopback serving one copyset:
+//! a writer stream survives `kill -9` of the leader, the killed server
+//! catches up after a restart, a follower with a wiped disk comes back
+//! through a snapshot, and bad requests get typed errors.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{
+    client, leader_of, page_of, peers, start_servers, status_within, Server, Tuning,
+    FOLLOWER_WAIT_MAX_MS,
+};
+use quiver_raft::chunk_client::{ChunkClient, ClientError};
+use quiver_raft::service::{self, ChunkError, KIND_READ};
+
+const PAGE: usize = 4096;
+const COPYSET: u32 = 1;
+
+/// Where write `i` of the stream goes: (chunk, offset).
+fn location(i: u64) -> (u64, u64) {
+    (i % 3, ((i * 7) % 64) * PAGE as u64)
+}
+
+/// Writes `count` pages from `first`, recording each acknowledged one.
+async fn write_stream(
+    client: Arc<ChunkClient>,
+    addrs: Vec<SocketAddr>,
+    first: u64,
+    count: u64,
+    acked: Arc<Mutex<BTreeMap<(u64, u64), u64>>>,
+    progress: Arc<AtomicU64>,
+) {
+    for i in first..first + count {
+        let (chunk, offset) = location(i);
+        client
+            .write(&addrs, COPYSET, chunk, offset, &page_of(i, PAGE))
+            .await
+            .unwrap_or_else(|e| panic!("write {i}: {e}"));
+        acked.lock().unwrap().insert((chunk, offset), i);
+        progress.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads every acknowledged location back: from the leader, or from
+/// `replica` itself (a snapshot-fetch read) when given.
+async fn verify(
+    client: &ChunkClient,
+    addrs: &[SocketAddr],
+    replica: Option<SocketAddr>,
+    acked: &BTreeMap<(u64, u64), u64>,
+) {
+    for (&(chunk, offset), &i) in acked {
+        let data = match replica {
+            None => {
+                client
+                    .read(addrs, COPYSET, chunk, offset, PAGE as u64)
+                    .await
+            }
+            Some(server) => {
+                let body = service::read_body(chunk, offset, PAGE as u64, true);
+                client.call(server, COPYSET, KIND_READ, body).await
+            }
+        }
+        .unwrap_or_else(|e| panic!("read {chunk}/{offset}: {e}"));
+        assert!(
+            data == page_of(i, PAGE),
+            "chunk {chunk} offset {offset}: not write {i}'s data (replica {replica:?})"
+        );
+    }
+}
+
+/// Waits until `server` has applied as far as the leader has.
+async fn caught_up(client: &ChunkClient, leader: SocketAddr, server: SocketAddr) -> Duration {
+    let started = Instant::now();
+    let target = status_within(client, leader, Duration::from_secs(5))
+        .await
+        .copysets[0]
+        .last_applied;
+    loop {
+        let st = status_within(client, server, Duration::from_secs(10)).await;
+        if st
+            .copysets
+            .first()
+            .is_some_and(|c| c.last_applied >= target)
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{server} did not catch up to {target:?}: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn addrs(servers: &[Server]) -> Vec<SocketAddr> {
+    servers.iter().map(|s| s.addr).collect()
+}
+
+async fn cluster(root: &std::path::Path, tuning: &Tuning) -> (Vec<Server>, Arc<ChunkClient>) {
+    let servers = start_servers(root, 3, tuning);
+    let client = Arc::new(client());
+    for s in &servers {
+        status_within(&client, s.addr, Duration::from_secs(30)).await;
+    }
+    client
+        .create_copyset(COPYSET, &peers(&servers))
+        .await
+        .unwrap();
+    let all: Vec<&Server> = servers.iter().collect();
+    leader_of(&client, &all, COPYSET, Duration::from_secs(10)).await;
+    (servers, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_survives_kill_9_of_the_leader_and_the_leader_catches_up() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut servers, client) = cluster(root.path(), &Tuning::default()).await;
+    let addrs = addrs(&servers);
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let progress = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_stream(
+        Arc::clone(&client),
+        addrs.clone(),
+        0,
+        400,
+        Arc::clone(&acked),
+        Arc::clone(&progress),
+    ));
+    while progress.load(Ordering::Relaxed) < 100 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let all: Vec<&Server> = servers.iter().collect();
+    let old = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
+    let killed = servers.iter().position(|s| s.node == old).unwrap();
+    servers[killed].kill();
+    let at_kill = progress.load(Ordering::Relaxed);
+    let killed_at = Instant::now();
+    let others: Vec<&Server> = servers.iter().filter(|s| s.node != old).collect();
+    let new = leader_of(&client, &others, COPYSET, Duration::from_secs(5)).await;
+    let elected = killed_at.elapsed();
+    eprintln!("leader {old} killed after {at_kill} writes; node {new} leads after {elected:?}");
+    // Twice the longest a follower waits before it stands (lease + timeout).
+    assert!(
+        elected <= Duration::from_millis(2 * FOLLOWER_WAIT_MAX_MS),
+        "new leader after {elected:?}"
+    );
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    verify(&client, &addrs, None, &acked).await;
+
+    servers[killed].start();
+    let leader_addr = servers.iter().find(|s| s.node == new).unwrap().addr;
+    let took = caught_up(&client, leader_addr, servers[killed].addr).await;
+    eprintln!("restarted node {old} caught up in {took:?}");
+    verify(&client, &addrs, Some(servers[killed].addr), &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_with_a_wiped_disk_rejoins_through_a_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let tuning = Tuning {
+        snapshot_every: 50,
+        log_keep: 10,
+        ..Tuning::default()
+    };
+    let (mut servers, client) = cluster(root.path(), &tuning).await;
+    let addrs = addrs(&servers);
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let progress = Arc::new(AtomicU64::new(0));
+    write_stream(
+        Arc::clone(&client),
+        addrs.clone(),
+        0,
+        200,
+        Arc::clone(&acked),
+        Arc::clone(&progress),
+    )
+    .await;
+    let all: Vec<&Server> = servers.iter().collect();
+    let leader = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
+    let wiped = servers.iter().position(|s| s.node != leader).unwrap();
+    servers[wiped].kill();
+    std::fs::remove_dir_all(&servers[wiped].dir).unwrap();
+    // More writes while it is away: the log it missed is purged behind a snapshot.
+    write_stream(
+        Arc::clone(&client),
+        addrs.clone(),
+        200,
+        150,
+        Arc::clone(&acked),
+        Arc::clone(&progress),
+    )
+    .await;
+    let leader_addr = servers.iter().find(|s| s.node == leader).unwrap().addr;
+    let st = client.status(leader_addr).await.unwrap();
+    assert!(
+        st.copysets[0].snapshot.is_some(),
+        "the leader has no snapshot: {st:?}"
+    );
+    servers[wiped].start();
+    let server = servers[wiped].addr;
+    status_within(&client, server, Duration::from_secs(30)).await;
+    // An empty server: the copyset is created on it again (as the control
+    // plane will do), without bootstrapping.
+    let spec = service::CopysetSpec {
+        peers: peers(&servers),
+        bootstrap: false,
+    };
+    client
+        .call(
+            server,
+            COPYSET,
+            service::KIND_CREATE_COPYSET,
+            serde_json::to_vec(&spec).unwrap(),
+        )
+        .await
+        .unwrap();
+    let took = caught_up(&client, leader_addr, server).await;
+    let st = client.status(server).await.unwrap();
+    eprintln!("wiped node caught up in {took:?}: {:?}", st.copysets[0]);
+    assert!(
+        st.copysets[0].snapshot.is_some(),
+        "the wiped node caught up without a snapshot"
+    );
+    let acked = acked.lock().unwrap().clone();
+    verify(&client, &addrs, Some(server), &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_typed_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let (servers, client) = cluster(root.path(), &Tuning::default()).await;
+    let addrs = addrs(&servers);
+    let refused = |r: Result<Vec<u8>, ClientError>| match r {
+        Err(ClientError::Refused { error, .. }) => error,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let unit = |r: Result<(), ClientError>| r.map(|()| Vec::new());
+
+    let e = refused(client.read(&addrs, COPYSET, 5, 0, PAGE as u64).await);
+    assert_eq!(
+        e,
+        ChunkError::NoSuchChunk {
+            copyset: COPYSET,
+            chunk: 5
+        }
+    );
+    let e = refused(unit(
+        client.write(&addrs, COPYSET, 1, 100, &[1; PAGE]).await,
+    ));
+    assert!(
+        matches!(e, ChunkError::Unaligned { offset: 100, .. }),
+        "{e}"
+    );
+    let e = refused(unit(
+        client.write(&addrs, COPYSET, 1, 16 << 20, &[1; PAGE]).await,
+    ));
+    assert!(matches!(e, ChunkError::OutOfRange { .. }), "{e}");
+    let e = refused(client.read(&addrs, COPYSET, 1, 0, 4 << 20).await);
+    assert!(matches!(e, ChunkError::OutOfRange { .. }), "{e}");
+    let e = refused(
+        client
+            .call(addrs[0], 77, service::KIND_LEADER, Vec::new())
+            .await,
+    );
+    assert_eq!(e, ChunkError::NoSuchCopyset(77));
+    let e = refused(client.call(addrs[0], COPYSET, 99, Vec::new()).await);
+    assert!(matches!(e, ChunkError::BadRequest(_)), "{e}");
+    let e = refused(
+        client
+            .call(addrs[0], COPYSET, service::KIND_WRITE, vec![1, 2])
+            .await,
+    );
+    assert!(matches!(e, ChunkError::BadRequest(_)), "{e}");
+
+    // A follower names the leader.
+    let all: Vec<&Server> = servers.iter().collect();
+    let leader = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
+    let follower = servers.iter().find(|s| s.node != leader).unwrap();
+    let leader_addr = servers.iter().find(|s| s.node == leader).unwrap().addr;
+    let body = service::write_body(1, 0, 0, &[1; PAGE]);
+    let e = refused(
+        client
+            .call(follower.addr, COPYSET, service::KIND_WRITE, body)
+            .await,
+    );
+    assert_eq!(
+        e,
+        ChunkError::NotLeader {
+            copyset: COPYSET,
+            leader: Some(leader),
+            leader_addr: Some(leader_addr.to_string())
+        }
+    );
+    // Creating it again with other members is refused; the same is a no-op.
+    let mut other = peers(&servers);
+    other.insert(9, "127.0.0.1:1".into());
+    let spec = service::CopysetSpec {
+        peers: other,
+        bootstrap: false,
+    };
+    let e = refused(
+        client
+            .call(
+                addrs[0],
+                COPYSET,
+                service::KIND_CREATE_COPYSET,
+                serde_json::to_vec(&spec).unwrap(),
+            )
+            .await,
+    );
+    assert_eq!(e, ChunkError::CopysetExists(COPYSET));
+    client
+        .create_copyset(COPYSET, &peers(&servers))
+        .await
+        .unwrap();
+    // After all that, the servers still serve.
+    client
+        .write(&addrs, COPYSET, 1, 0, &page_of(1, PAGE))
+        .await
+        .unwrap();
+    let data = client
+        .read(&addrs, COPYSET, 1, 0, PAGE as u64)
+        .await
+        .unwrap();
+    assert_eq!(data, page_of(1, PAGE));
+    client.delete(&addrs, COPYSET, 1).await.unwrap();
+    let e = refused(client.read(&addrs, COPYSET, 1, 0, PAGE as u64).await);
+    assert!(matches!(e, ChunkError::NoSuchChunk { .. }), "{e}");
+}

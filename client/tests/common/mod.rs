@@ -1,0 +1,191 @@
+//! Chunkserver processes on loopback for tests: `quiver chunkserver` started
+//! from this build, killed with SIGKILL, restarted on the same data.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use quiver_raft::chunk_client::ChunkClient;
+use quiver_raft::service::ServerStatus;
+
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// How long a follower of openraft 0.9 waits without heartbeats before it
+/// stands for election, at most: the leader lease it granted (openraft sets
+/// it to the maximum election timeout) plus a random election timeout.
+pub const FOLLOWER_WAIT_MAX_MS: u64 = 2 * ELECTION_TIMEOUT_MAX_MS;
+
+pub struct Server {
+    pub node: u64,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL: no chance to flush or close anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} runs already", self.node);
+        let child = Command::new(env!("CARGO_BIN_EXE_quiver"))
+            .args(["chunkserver", "--config"])
+            .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                // Peers being down is the point of these tests: openraft's
+                // errors about it would drown the output.
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "error,openraft=off".into()),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Tuning {
+    pub snapshot_every: u64,
+    pub log_keep: u64,
+    pub pool_files: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            snapshot_every: 20_000,
+            log_keep: 1_000,
+            pool_files: 4,
+        }
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Writes each server's configuration and starts it.
+pub fn start_servers(root: &Path, count: u64, tuning: &Tuning) -> Vec<Server> {
+    (1..=count)
+        .map(|node| {
+            let addr = free_port();
+            let dir = root.join(format!("node{node}"));
+            let config = root.join(format!("node{node}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "node_id = {node}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ntransport = \"tcp\"\npool_files = {}\n\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {ELECTION_TIMEOUT_MAX_MS}\nsnapshot_every = {}\nlog_keep = {}\n",
+                    dir.display(),
+                    tuning.pool_files,
+                    ELECTION_TIMEOUT_MAX_MS / 2,
+                    tuning.snapshot_every,
+                    tuning.log_keep
+                ),
+            )
+            .unwrap();
+            let mut s = Server {
+                node,
+                addr,
+                dir,
+                config,
+                child: None,
+            };
+            s.start();
+            s
+        })
+        .collect()
+}
+
+pub fn peers(servers: &[Server]) -> BTreeMap<u64, String> {
+    servers
+        .iter()
+        .map(|s| (s.node, s.addr.to_string()))
+        .collect()
+}
+
+/// Waits until `server` answers a status call.
+pub async fn status_within(
+    client: &ChunkClient,
+    server: SocketAddr,
+    within: Duration,
+) -> ServerStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        match client.status(server).await {
+            Ok(s) => return s,
+            Err(e) => assert!(Instant::now() < deadline, "{server} did not answer: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The leader of `copyset` among `servers` (by their own claims), once one claims it.
+pub async fn leader_of(
+    client: &ChunkClient,
+    servers: &[&Server],
+    copyset: u32,
+    within: Duration,
+) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        for s in servers {
+            if let Ok(st) = client.status(s.addr).await {
+                if st
+                    .copysets
+                    .iter()
+                    .any(|c| c.copyset == copyset && c.leader == Some(s.node))
+                {
+                    return s.node;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader of copyset {copyset} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A page whose bytes say which write made it (checked on read).
+pub fn page_of(write: u64, page_bytes: usize) -> Vec<u8> {
+    let mut page = vec![0u8; page_bytes];
+    for (i, word) in page.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&(write.wrapping_mul(1_000_003) ^ i as u64).to_le_bytes());
+    }
+    page
+}
+
+/// The client a test uses: TCP, short calls, long retries.
+pub fn client() -> ChunkClient {
+    let mut c = ChunkClient::start(quiver_fabric::WorkerConfig {
+        transport: quiver_fabric::TransportChoice::Tcp,
+        ..Default::default()
+    })
+    .unwrap();
+    c.call_timeout = Duration::from_millis(500);
+    c.deadline = Duration::from_secs(20);
+    c
+}

@@ -1,0 +1,246 @@
+//! A client of the chunk service: finds each copyset's leader, follows
+//! redirects, and retries through leader changes until a deadline.
+//!
+//! Retrying a write whose answer was lost may apply it twice; writes are
+//! positional, so the second changes nothing.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quiver_fabric::WorkerConfig;
+
+use crate::net::{CallError, FabricNode, Service};
+use crate::service::{
+    self, ChunkError, CopysetSpec, LeaderInfo, ServerStatus, KIND_CREATE_COPYSET, KIND_DELETE,
+    KIND_LEADER, KIND_READ, KIND_STATUS, KIND_WRITE,
+};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error that retrying does not fix.
+    #[error("{server}: {error}")]
+    Refused {
+        server: SocketAddr,
+        error: ChunkError,
+    },
+    /// No member answered as leader before the deadline.
+    #[error("copyset {copyset}: no leader answered within {waited:?} (last: {last})")]
+    Deadline {
+        copyset: u32,
+        waited: Duration,
+        last: String,
+    },
+    #[error("{server}: {error}")]
+    Call {
+        server: SocketAddr,
+        error: CallError,
+    },
+}
+
+/// A chunk-service client with its own fabric node.
+pub struct ChunkClient {
+    node: Arc<FabricNode>,
+    /// The last known leader of each copyset.
+    leaders: Mutex<HashMap<u32, SocketAddr>>,
+    /// One call's timeout.
+    pub call_timeout: Duration,
+    /// How long an operation retries through leader changes.
+    pub deadline: Duration,
+}
+
+impl ChunkClient {
+    /// Starts a client (its fabric worker on a thread). Call inside a runtime.
+    pub fn start(config: WorkerConfig) -> anyhow::Result<ChunkClient> {
+        // Nothing calls a client; its inbound side stays empty.
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let node = FabricNode::start(SocketAddr::from(([127, 0, 0, 1], 0)), config, tx)?;
+        Ok(ChunkClient {
+            node: Arc::new(node),
+            leaders: Mutex::new(HashMap::new()),
+            call_timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(15),
+        })
+    }
+
+    /// One call to one server, its answer decoded.
+    pub async fn call(
+        &self,
+        server: SocketAddr,
+        copyset: u32,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let reply = self
+            .node
+            .call(
+                server,
+                Service::Chunk,
+                (kind, u64::from(copyset)),
+                body,
+                self.call_timeout,
+            )
+            .await
+            .map_err(|error| ClientError::Call { server, error })?;
+        service::decode_answer(&reply.header, &reply.payload)
+            .map_err(|error| ClientError::Refused { server, error })?;
+        Ok(reply.payload.to_vec())
+    }
+
+    /// Sends a leader-only request of `copyset` (members `peers`), following
+    /// redirects and retrying until the deadline.
+    async fn to_leader(
+        &self,
+        peers: &[SocketAddr],
+        copyset: u32,
+        kind: u8,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let started = Instant::now();
+        let mut next = 0usize;
+        let mut target = self
+            .leaders
+            .lock()
+            .expect("leaders lock")
+            .get(&copyset)
+            .copied();
+        let mut last = String::from("nothing tried");
+        let mut pause = Duration::from_millis(5);
+        while started.elapsed() < self.deadline {
+            let server = target.take().unwrap_or_else(|| {
+                next += 1;
+                peers[next % peers.len()]
+            });
+            match self.call(server, copyset, kind, body.clone()).await {
+                Ok(answer) => {
+                    self.leaders
+                        .lock()
+                        .expect("leaders lock")
+                        .insert(copyset, server);
+                    return Ok(answer);
+                }
+                Err(ClientError::Refused {
+                    error: ChunkError::NotLeader { leader_addr, .. },
+                    ..
+                }) => {
+                    last = format!("{server}: not the leader");
+                    target = leader_addr
+                        .and_then(|a| a.parse().ok())
+                        .filter(|&a| a != server);
+                    if target.is_none() {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(200));
+                    }
+                }
+                Err(ClientError::Refused {
+                    server,
+                    error: ChunkError::Raft(why),
+                }) => {
+                    last = format!("{server}: {why}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(e @ ClientError::Refused { .. }) => return Err(e),
+                Err(e) => {
+                    last = e.to_string();
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+        Err(ClientError::Deadline {
+            copyset,
+            waited: started.elapsed(),
+            last,
+        })
+    }
+
+    pub async fn write(
+        &self,
+        peers: &[SocketAddr],
+        copyset: u32,
+        chunk: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        let body = service::write_body(chunk, offset, 0, data);
+        self.to_leader(peers, copyset, KIND_WRITE, body)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn read(
+        &self,
+        peers: &[SocketAddr],
+        copyset: u32,
+        chunk: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let body = service::read_body(chunk, offset, len, false);
+        self.to_leader(peers, copyset, KIND_READ, body).await
+    }
+
+    pub async fn delete(
+        &self,
+        peers: &[SocketAddr],
+        copyset: u32,
+        chunk: u64,
+    ) -> Result<(), ClientError> {
+        let body = service::delete_body(chunk);
+        self.to_leader(peers, copyset, KIND_DELETE, body)
+            .await
+            .map(|_| ())
+    }
+
+    /// Who `server` thinks leads `copyset`.
+    pub async fn leader(
+        &self,
+        server: SocketAddr,
+        copyset: u32,
+    ) -> Result<LeaderInfo, ClientError> {
+        let answer = self.call(server, copyset, KIND_LEADER, Vec::new()).await?;
+        serde_json::from_slice(&answer).map_err(|e| ClientError::Refused {
+            server,
+            error: ChunkError::BadRequest(format!("leader answer: {e}")),
+        })
+    }
+
+    pub async fn status(&self, server: SocketAddr) -> Result<ServerStatus, ClientError> {
+        let answer = self.call(server, 0, KIND_STATUS, Vec::new()).await?;
+        serde_json::from_slice(&answer).map_err(|e| ClientError::Refused {
+            server,
+            error: ChunkError::BadRequest(format!("status answer: {e}")),
+        })
+    }
+
+    /// Creates `copyset` on every member of `peers` (node id → address); the
+    /// first member initializes the group.
+    pub async fn create_copyset(
+        &self,
+        copyset: u32,
+        peers: &std::collections::BTreeMap<u64, String>,
+    ) -> Result<(), ClientError> {
+        for (i, addr) in peers.values().enumerate() {
+            let server: SocketAddr = addr.parse().map_err(|e| ClientError::Refused {
+                server: SocketAddr::from(([0, 0, 0, 0], 0)),
+                error: ChunkError::BadRequest(format!("peer address {addr:?}: {e}")),
+            })?;
+            let spec = CopysetSpec {
+                peers: peers.clone(),
+                bootstrap: i == 0,
+            };
+            let body = serde_json::to_vec(&spec).expect("serializes");
+            self.call(server, copyset, KIND_CREATE_COPYSET, body)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The client's fabric node (to share with other users).
+    pub fn node(&self) -> &Arc<FabricNode> {
+        &self.node
+    }
+}

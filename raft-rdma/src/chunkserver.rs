@@ -1,0 +1,560 @@
+//! The chunkserver: many copysets on one disk and one fabric node, sharing
+//! the log engine, the chunk store and the async runtime's threads and
+//! timers.
+//!
+//! On disk, under `data_dir`: `log/` (the shared Raft log engine), `chunks/`
+//! (the chunk store and its pool) and `copysets/<id>/` per copyset, holding
+//! `spec.json` (its members, written before its Raft starts) and the state
+//! machine's [`crate::machine::STATE_FILE`]. A restart opens every copyset
+//! found there.
+//!
+//! The chunk service ([`crate::service`]) is served on the same fabric node
+//! as Raft: writes and deletes go through the copyset's Raft log; reads are
+//! served by the leader from its store, without a log round while its lease
+//! holds (a quorum answered it within the lease), through openraft's
+//! linearizable read otherwise.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use quiver_chunkstore::{ChunkKey, ChunkStore, StoreConfig};
+use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+use quiver_fabric::{TransportChoice, WorkerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::log::{LogConfig, LogEngine};
+use crate::machine::{chunk_error, ChunkMachine, Disk};
+use crate::net::{handle_raft, FabricNode, Groups, Incoming, Network, Service};
+use crate::service::{
+    self, ChunkError, CopysetSpec, CopysetStatus, LeaderInfo, Request, ServerStatus,
+};
+use crate::store::{self as raft_store, LogStore, TypeConfig};
+
+/// Raft timing of every copyset of a server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// A snapshot (and log purge) after this many applied entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot (for slow followers).
+    pub log_keep: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> RaftTuning {
+        RaftTuning {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_every: 20_000,
+            log_keep: 1_000,
+        }
+    }
+}
+
+impl RaftTuning {
+    fn config(&self) -> anyhow::Result<Config> {
+        Config {
+            cluster_name: "quiver".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.log_keep,
+            // At most 256 KiB of 4 KiB writes per AppendEntries: a follower
+            // catching up gets batches it stores within a heartbeat's time.
+            max_payload_entries: 64,
+            ..Config::default()
+        }
+        .validate()
+        .context("raft timing")
+    }
+
+    /// How long a leader may serve reads on its own after a quorum answered
+    /// it: followers wait at least the minimum election timeout before they
+    /// elect another; a margin covers clock-rate differences.
+    fn lease_ms(&self) -> u64 {
+        self.election_timeout_min_ms * 3 / 4
+    }
+}
+
+/// `quiver chunkserver --config FILE` (TOML).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkserverConfig {
+    /// This server's Raft node id, unique in the cluster.
+    pub node_id: u64,
+    /// Where the fabric listens (Raft between servers, and clients).
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `auto` (verbs where both sides have RDMA), `tcp` or `verbs`.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// Chunk files formatted ahead of time.
+    #[serde(default = "default_pool_files")]
+    pub pool_files: usize,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    /// Copysets to host from the start (created if missing).
+    #[serde(default)]
+    pub copysets: Vec<StaticCopyset>,
+}
+
+fn default_transport() -> String {
+    "auto".into()
+}
+
+fn default_pool_files() -> usize {
+    32
+}
+
+/// A copyset named in the configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticCopyset {
+    pub id: u32,
+    /// Members: node id → fabric address.
+    pub peers: BTreeMap<u64, String>,
+}
+
+impl ChunkserverConfig {
+    pub fn load(path: &Path) -> anyhow::Result<ChunkserverConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    fn transport(&self) -> anyhow::Result<TransportChoice> {
+        Ok(match self.transport.as_str() {
+            "auto" => TransportChoice::Auto,
+            "tcp" => TransportChoice::Tcp,
+            "verbs" => TransportChoice::Verbs,
+            other => anyhow::bail!("transport {other:?}: expected auto, tcp or verbs"),
+        })
+    }
+}
+
+struct Copyset {
+    raft: Raft<TypeConfig>,
+    machine: ChunkMachine,
+    spec: CopysetSpec,
+}
+
+/// A running chunkserver.
+#[derive(Clone)]
+pub struct Chunkserver(Arc<Inner>);
+
+struct Inner {
+    config: ChunkserverConfig,
+    addr: SocketAddr,
+    fabric: Arc<FabricNode>,
+    engine: Arc<LogEngine>,
+    disk: Arc<Disk>,
+    groups: Groups,
+    copysets: Mutex<HashMap<u32, Arc<Copyset>>>,
+    /// Serializes copyset creation (spec file, then Raft).
+    creating: tokio::sync::Mutex<()>,
+    raft_config: Arc<Config>,
+}
+
+fn chunk_arena() -> anyhow::Result<Arena> {
+    Ok(Arena::new(&ArenaConfig {
+        classes: vec![
+            SizeClass {
+                buf_bytes: 4 << 10,
+                count: 256,
+            },
+            SizeClass {
+                buf_bytes: 64 << 10,
+                count: 64,
+            },
+            SizeClass {
+                buf_bytes: 1 << 20,
+                count: 32,
+            },
+        ],
+        huge_pages: false,
+    })?)
+}
+
+impl Chunkserver {
+    /// Opens the server's disk, starts its fabric node and every copyset it
+    /// hosts, and serves until the runtime stops. Call inside a runtime.
+    pub async fn start(config: ChunkserverConfig) -> anyhow::Result<Chunkserver> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let engine = Arc::new(
+            LogEngine::open(LogConfig::new(dir.join("log"))).context("opening the Raft log")?,
+        );
+        let store_config = StoreConfig {
+            pool_files: config.pool_files,
+            pool_low_water: config.pool_files / 4,
+            ..StoreConfig::new(dir.join("chunks"))
+        };
+        let store =
+            ChunkStore::open(store_config, chunk_arena()?).context("opening the chunk store")?;
+        let disk = Arc::new(Disk::new(store));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let worker_config = WorkerConfig {
+            transport: config.transport()?,
+            ..WorkerConfig::default()
+        };
+        let fabric = Arc::new(FabricNode::start(config.listen, worker_config, tx)?);
+        let raft_config = Arc::new(config.raft.config()?);
+        let server = Chunkserver(Arc::new(Inner {
+            addr: fabric.addr,
+            config: config.clone(),
+            fabric,
+            engine,
+            disk,
+            groups: Groups::default(),
+            copysets: Mutex::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+            raft_config,
+        }));
+        // Copysets from an earlier life, then those of the configuration.
+        let copysets_dir = dir.join("copysets");
+        std::fs::create_dir_all(&copysets_dir)?;
+        let mut found = Vec::new();
+        for dirent in std::fs::read_dir(&copysets_dir)? {
+            let path = dirent?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(bytes) = std::fs::read(path.join("spec.json")) else {
+                continue; // created no further than its directory
+            };
+            let spec: CopysetSpec = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}/spec.json", path.display()))?;
+            found.push((id, spec));
+        }
+        for (id, spec) in found {
+            server.open_copyset(id, spec).await?;
+        }
+        for c in &config.copysets {
+            let bootstrap = c.peers.keys().next() == Some(&config.node_id);
+            let spec = CopysetSpec {
+                peers: c.peers.clone(),
+                bootstrap,
+            };
+            match server.create_copyset(c.id, spec).await {
+                Ok(()) | Err(ChunkError::CopysetExists(_)) => {}
+                Err(e) => return Err(e).context(format!("copyset {}", c.id)),
+            }
+        }
+        let serving = server.clone();
+        tokio::spawn(async move { serving.serve(rx).await });
+        tracing::info!(
+            node = config.node_id,
+            addr = %server.0.addr,
+            copysets = server.0.copysets.lock().expect("copysets lock").len(),
+            "chunkserver serving"
+        );
+        Ok(server)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.0.addr
+    }
+
+    /// Stops Raft of every copyset and the fabric node.
+    pub async fn shutdown(&self) {
+        let copysets: Vec<_> = self
+            .0
+            .copysets
+            .lock()
+            .expect("copysets lock")
+            .drain()
+            .collect();
+        for (_, c) in copysets {
+            let _ = c.raft.shutdown().await;
+        }
+        self.0.fabric.shutdown();
+    }
+
+    async fn serve(self, mut inbound: tokio::sync::mpsc::UnboundedReceiver<Incoming>) {
+        while let Some(rpc) = inbound.recv().await {
+            match rpc.service {
+                Service::Raft => handle_raft(&self.0.groups, rpc),
+                Service::Chunk => {
+                    let server = self.clone();
+                    tokio::spawn(async move { server.handle_chunk(rpc).await });
+                }
+            }
+        }
+    }
+
+    async fn handle_chunk(&self, rpc: Incoming) {
+        let copyset = rpc.group as u32;
+        let answer = match service::decode_request(rpc.kind, &rpc.body) {
+            Ok(request) => self.answer(copyset, rpc.kind, request, &rpc.body).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(body) => rpc.reply.send_with_header(vec![service::STATUS_OK], body),
+            Err(e) => {
+                tracing::debug!(copyset, error = %e, "chunk request refused");
+                rpc.reply
+                    .send_with_header(vec![service::STATUS_ERR], service::error_body(&e));
+            }
+        }
+    }
+
+    fn copyset(&self, id: u32) -> Result<Arc<Copyset>, ChunkError> {
+        let copysets = self.0.copysets.lock().expect("copysets lock");
+        copysets
+            .get(&id)
+            .cloned()
+            .ok_or(ChunkError::NoSuchCopyset(id))
+    }
+
+    async fn answer(
+        &self,
+        copyset: u32,
+        kind: u8,
+        request: Request<'_>,
+        body: &[u8],
+    ) -> Result<Vec<u8>, ChunkError> {
+        match request {
+            Request::Mutate(_) => {
+                let c = self.copyset(copyset)?;
+                let mut entry = Vec::with_capacity(1 + body.len());
+                entry.push(kind);
+                entry.extend_from_slice(body);
+                let response = c
+                    .raft
+                    .client_write(raft_store::Request(entry))
+                    .await
+                    .map_err(|e| self.write_error(copyset, e))?;
+                service::decode_answer(&response.data.0[..1], &response.data.0[1..])?;
+                Ok(Vec::new())
+            }
+            Request::Read {
+                chunk,
+                offset,
+                len,
+                any_replica,
+            } => {
+                let c = self.copyset(copyset)?;
+                if !any_replica {
+                    self.ensure_leader_reads(copyset, &c).await?;
+                }
+                let key = ChunkKey { copyset, chunk };
+                let data = self
+                    .0
+                    .disk
+                    .store()
+                    .read(key, offset, len as usize)
+                    .map_err(chunk_error)?;
+                Ok(data.to_vec())
+            }
+            Request::Leader => {
+                let c = self.copyset(copyset)?;
+                let info = leader_info(&c.raft);
+                Ok(serde_json::to_vec(&info).expect("serializes"))
+            }
+            Request::CreateCopyset(spec) => {
+                self.create_copyset(copyset, spec).await?;
+                Ok(Vec::new())
+            }
+            Request::Status => Ok(serde_json::to_vec(&self.status()).expect("serializes")),
+        }
+    }
+
+    fn write_error(
+        &self,
+        copyset: u32,
+        e: RaftError<u64, ClientWriteError<u64, BasicNode>>,
+    ) -> ChunkError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ChunkError::NotLeader {
+                copyset,
+                leader: f.leader_id,
+                leader_addr: f.leader_node.map(|n| n.addr),
+            },
+            other => ChunkError::Raft(other.to_string()),
+        }
+    }
+
+    /// Lets a read through only on the leader: at once while its lease holds,
+    /// after a round of heartbeats otherwise.
+    async fn ensure_leader_reads(&self, copyset: u32, c: &Copyset) -> Result<(), ChunkError> {
+        let node = self.0.config.node_id;
+        let lease_ok = {
+            let m = c.raft.metrics().borrow().clone();
+            m.current_leader == Some(node)
+                && m.millis_since_quorum_ack
+                    .is_some_and(|ms| ms < self.0.config.raft.lease_ms())
+                // Entries of earlier terms are applied once this term's first is.
+                && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+        };
+        if lease_ok {
+            return Ok(());
+        }
+        c.raft.ensure_linearizable().await.map_err(|e| match e {
+            RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                ChunkError::NotLeader {
+                    copyset,
+                    leader: f.leader_id,
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                }
+            }
+            other => ChunkError::Raft(other.to_string()),
+        })?;
+        Ok(())
+    }
+
+    /// Creates a copyset here: its spec is written first (so a restart opens
+    /// it), then its Raft starts; the bootstrapping member initializes the
+    /// group. Creating one that exists with the same members succeeds.
+    pub async fn create_copyset(&self, id: u32, spec: CopysetSpec) -> Result<(), ChunkError> {
+        let _one_at_a_time = self.0.creating.lock().await;
+        if let Ok(existing) = self.copyset(id) {
+            return if existing.spec.peers == spec.peers {
+                Ok(())
+            } else {
+                Err(ChunkError::CopysetExists(id))
+            };
+        }
+        if !spec.peers.contains_key(&self.0.config.node_id) {
+            return Err(ChunkError::BadRequest(format!(
+                "copyset {id}: node {} is not among its peers {:?}",
+                self.0.config.node_id, spec.peers
+            )));
+        }
+        if spec
+            .peers
+            .values()
+            .any(|a| a.parse::<SocketAddr>().is_err())
+        {
+            return Err(ChunkError::BadRequest(format!(
+                "copyset {id}: a peer address is not IP:port: {:?}",
+                spec.peers
+            )));
+        }
+        let dir = self.copyset_dir(id);
+        let save = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            let tmp = dir.join("spec.json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&spec).expect("serializes"))?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, dir.join("spec.json"))?;
+            std::fs::File::open(&dir)?.sync_all()
+        };
+        save().map_err(|e| ChunkError::Storage(format!("{}: {e}", dir.display())))?;
+        self.open_copyset(id, spec)
+            .await
+            .map_err(|e| ChunkError::Raft(format!("{e:#}")))
+    }
+
+    fn copyset_dir(&self, id: u32) -> PathBuf {
+        self.0.config.data_dir.join("copysets").join(id.to_string())
+    }
+
+    async fn open_copyset(&self, id: u32, spec: CopysetSpec) -> anyhow::Result<()> {
+        let machine = ChunkMachine::open(
+            id,
+            Arc::clone(&self.0.disk),
+            &self.copyset_dir(id),
+            self.0.addr.to_string(),
+            Arc::clone(&self.0.fabric),
+        )?;
+        let group = u64::from(id);
+        let raft = Raft::new(
+            self.0.config.node_id,
+            Arc::clone(&self.0.raft_config),
+            Network::new(Arc::clone(&self.0.fabric), group),
+            LogStore::new(Arc::clone(&self.0.engine), group),
+            machine.clone(),
+        )
+        .await
+        .with_context(|| format!("starting Raft of copyset {id}"))?;
+        if spec.bootstrap {
+            let members: BTreeMap<u64, BasicNode> = spec
+                .peers
+                .iter()
+                .map(|(&n, a)| (n, BasicNode::new(a)))
+                .collect();
+            // Refused (harmlessly) once the group has a log: after a restart.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(copyset = id, error = %e, "not initializing");
+            }
+        }
+        self.0
+            .groups
+            .write()
+            .expect("groups lock")
+            .insert(group, raft.clone());
+        self.0.copysets.lock().expect("copysets lock").insert(
+            id,
+            Arc::new(Copyset {
+                raft,
+                machine,
+                spec,
+            }),
+        );
+        Ok(())
+    }
+
+    /// This server's view of its copysets.
+    pub fn status(&self) -> ServerStatus {
+        let copysets: Vec<Arc<Copyset>> = self
+            .0
+            .copysets
+            .lock()
+            .expect("copysets lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<CopysetStatus> = copysets
+            .iter()
+            .map(|c| {
+                let m = c.raft.metrics().borrow().clone();
+                CopysetStatus {
+                    copyset: c.machine.copyset(),
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    last_applied: m.last_applied.map(|l| l.index),
+                    last_log: m.last_log_index,
+                    snapshot: c.machine.snapshot_index(),
+                    voters: m.membership_config.membership().voter_ids().collect(),
+                    chunks: c.machine.chunks().len(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|c| c.copyset);
+        ServerStatus {
+            node: self.0.config.node_id,
+            addr: self.0.addr.to_string(),
+            transport: self.0.config.transport.clone(),
+            copysets: out,
+        }
+    }
+}
+
+fn leader_info(raft: &Raft<TypeConfig>) -> LeaderInfo {
+    let m = raft.metrics().borrow().clone();
+    let leader_addr = m.current_leader.and_then(|l| {
+        m.membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| n.addr.clone())
+    });
+    LeaderInfo {
+        leader: m.current_leader,
+        leader_addr,
+        term: m.current_term,
+    }
+}
