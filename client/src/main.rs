@@ -89,6 +89,53 @@ enum BenchCommand {
     Chunkstore(BenchChunkstore),
     /// Durable appends of the shared Raft log engine from many groups, against fio.
     Raftlog(BenchRaftlog),
+    /// 3-replica writes through chunkserver processes, beside one node's
+    /// durable write and a fabric round trip measured in the same run.
+    Replication(BenchReplication),
+}
+
+#[derive(Args)]
+struct BenchReplication {
+    /// Chunkserver processes to start on loopback (ignored with --connect).
+    #[arg(long, default_value_t = 3)]
+    chunkservers: usize,
+    /// Copysets the writes spread over (created if missing).
+    #[arg(long, default_value_t = 1)]
+    copysets: u32,
+    /// Bytes per write.
+    #[arg(long, default_value = "4k", value_parser = bench::parse_size)]
+    bs: u64,
+    /// Writes in flight (one writer each, on its own chunk).
+    #[arg(long, default_value_t = 1)]
+    iodepth: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Untimed writes per writer before each run.
+    #[arg(long, default_value_t = 50)]
+    warmup: u64,
+    /// Runs per contender, interleaved; figures are per-field medians.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Running chunkservers (their fabric addresses, comma separated) instead
+    /// of starting them.
+    #[arg(long, value_delimiter = ',')]
+    connect: Vec<SocketAddr>,
+    /// Directory for the chunkservers' data and the chunkstore baseline
+    /// [default: ./quiver-bench-data].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Transport: tcp, verbs, or auto (verbs where a device answers).
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    transport: Transport,
+    /// Microseconds every fabric thread (servers' and ours) polls after work
+    /// before it sleeps. Four processes share the machine here: spinning
+    /// threads take the cores the others need, so the default is not to.
+    #[arg(long, default_value_t = 0)]
+    spin_us: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -269,6 +316,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             what: BenchCommand::Raftlog(args),
         } => bench_raftlog(args),
+        Command::Bench {
+            what: BenchCommand::Replication(args),
+        } => bench_replication(args),
         Command::Fabric {
             what:
                 FabricCommand::Serve {
@@ -451,6 +501,83 @@ fn bench_fabric(args: BenchFabric) -> anyhow::Result<()> {
         args.runs,
         Figures::median(&ours),
         theirs.iter().map(|runs| Figures::median(runs)).collect(),
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn bench_replication(args: BenchReplication) -> anyhow::Result<()> {
+    use bench::replication::{self, Cluster, Setup};
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    anyhow::ensure!(args.iodepth >= 1, "--iodepth must be at least 1");
+    anyhow::ensure!(args.copysets >= 1, "--copysets must be at least 1");
+    anyhow::ensure!(
+        args.chunkservers >= 3 || !args.connect.is_empty(),
+        "--chunkservers must be at least 3 (three replicas)"
+    );
+    let duration = Duration::try_from_secs_f64(args.duration)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--duration must be a positive number of seconds")?;
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => std::env::current_dir()?.join("quiver-bench-data"),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let setup = Setup {
+        chunkservers: if args.connect.is_empty() {
+            args.chunkservers
+        } else {
+            args.connect.len()
+        },
+        copysets: args.copysets,
+        bs: usize::try_from(args.bs).context("--bs too large")?,
+        iodepth: args.iodepth,
+        duration,
+        warmup: args.warmup,
+        fabric: FabricArgs {
+            transport: args.transport,
+            eager_max: quiver_fabric::proto::EAGER_BYTES_MAX_DEFAULT,
+            spin_us: args.spin_us,
+        }
+        .options(),
+        connect: args.connect,
+        dir: dir.join("replication"),
+    };
+    let store_workload = replication::chunkstore_workload(&setup);
+    store_workload.validate()?;
+    let store_dir = dir.join("replication-baseline");
+    let _cleanup = Cleanup::new(&store_dir, &store_dir.join("none"), false);
+    let mut store = StoreBench::open(&store_dir, &store_workload)?;
+    let runtime = runtime()?;
+    let cluster = runtime.block_on(Cluster::start(&setup))?;
+    let (mut ours, mut disk, mut net) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        let say = |what: &str| {
+            if !args.json {
+                eprintln!("run {}/{}: {what}", run + 1, args.runs);
+            }
+        };
+        say("quiver, 3 replicas");
+        ours.push(Figures::of(&runtime.block_on(cluster.run(&setup))?));
+        say("chunkstore (one node, fdatasync)");
+        disk.push(Figures::of(&replication::chunkstore_baseline(&mut store)?));
+        say("fabric round trip");
+        net.push(Figures::of(&replication::fabric_baseline(&setup)?));
+    }
+    drop(cluster);
+    drop(store);
+    let report = Report::replication(
+        &setup,
+        args.runs,
+        Figures::median(&ours),
+        Figures::median(&disk),
+        Figures::median(&net),
     );
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

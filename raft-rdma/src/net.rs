@@ -38,8 +38,8 @@ use openraft::raft::{
 use openraft::{BasicNode, Raft};
 use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 use quiver_fabric::{
-    AmData, Completion, EndpointId, Payload, RpcError, RpcId, RpcReply, Worker, WorkerConfig,
-    WorkerWaker,
+    AmData, Completion, EndpointId, EndpointTransport, Payload, RpcError, RpcId, RpcReply, Worker,
+    WorkerConfig, WorkerWaker,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -103,6 +103,10 @@ enum Cmd {
         body: Vec<u8>,
         timeout: Duration,
         answer: Answer,
+    },
+    Transport {
+        addr: SocketAddr,
+        answer: tokio::sync::oneshot::Sender<Option<EndpointTransport>>,
     },
     Reply {
         ep: EndpointId,
@@ -286,6 +290,15 @@ impl FabricNode {
 }
 
 impl FabricNode {
+    /// The transport of this node's endpoint to `addr`, if it has one.
+    pub async fn transport_to(&self, addr: SocketAddr) -> Option<EndpointTransport> {
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        if !self.link.push(Cmd::Transport { addr, answer }) {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+
     /// Stops the fabric thread: its connections close and calls fail.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
@@ -359,6 +372,12 @@ fn serve(
                             }));
                         }
                     }
+                }
+                Cmd::Transport { addr, answer } => {
+                    let t = peers
+                        .get(&addr)
+                        .and_then(|&ep| worker.endpoint_transport(ep));
+                    let _ = answer.send(t);
                 }
                 Cmd::Reply {
                     ep,

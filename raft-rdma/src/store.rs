@@ -189,8 +189,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let Some(id) = committed else {
             return Ok(());
         };
-        durable(|done| self.engine.save_committed(self.group, to_ours(&id), done))
-            .await
+        // Written with the next batch, not waited for: see `note_committed`.
+        self.engine
+            .note_committed(self.group, to_ours(&id))
             .map_err(write_error)
     }
 

@@ -85,12 +85,18 @@ fn appends_truncates_votes_survive_reopen() {
         );
         // Starting before the end replaces the tail, durably.
         append(&log, 2, 24, 26);
+        // A noted committed id has no write of its own: it rides along with
+        // the next append (group 2's, here).
+        log.note_committed(2, id(21)).unwrap();
+        assert_eq!(log.committed(2), Some(id(21)));
+        append(&log, 2, 26, 27);
     }
     let log = LogEngine::open(small(dir.path())).unwrap();
     check(&log, 1, 1, 60);
-    check(&log, 2, 1, 26);
+    check(&log, 2, 1, 27);
     assert_eq!(log.state(1).last, Some(id(59)));
-    assert_eq!(log.state(2).last, Some(id(25)));
+    assert_eq!(log.state(2).last, Some(id(26)));
+    assert_eq!(log.committed(2), Some(id(21)));
     assert_eq!(
         log.vote(1),
         Some(Vote {

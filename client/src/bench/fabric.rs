@@ -35,6 +35,15 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// The name a chunkserver's configuration file uses.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Verbs => "verbs",
+            Transport::Auto => "auto",
+        }
+    }
+
     fn choice(self) -> TransportChoice {
         match self {
             Transport::Tcp => TransportChoice::Tcp,
@@ -56,7 +65,7 @@ pub struct FabricOptions {
 
 impl FabricOptions {
     /// Worker settings that carry messages of up to `message_bytes` bytes.
-    fn worker_config(&self, message_bytes: usize) -> WorkerConfig {
+    pub(crate) fn worker_config(&self, message_bytes: usize) -> WorkerConfig {
         let conn = ConnConfig {
             eager_bytes_max: self.eager_bytes_max,
             message_bytes_max: message_bytes.max(1 << 20),

@@ -6,6 +6,7 @@ pub mod chunkstore;
 pub mod fabric;
 pub mod fio;
 pub mod raftlog;
+pub mod replication;
 pub mod report;
 
 use std::io::{IsTerminal, Write};

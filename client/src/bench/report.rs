@@ -105,6 +105,15 @@ pub struct Report {
     /// chunkstore: bytes the offsets range over (fio's file size).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub working_set_bytes: Option<u64>,
+    /// replication: chunkserver processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunkservers: Option<usize>,
+    /// replication: copysets written to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copysets: Option<u32>,
+    /// replication: 1.5 x (chunkstore p50 + 2 x fabric p50), the p50 to stay under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_p50_us: Option<f64>,
     pub runs: usize,
     pub iters: u64,
     pub p50_us: f64,
@@ -193,6 +202,57 @@ impl Report {
         report
     }
 
+    /// The report of `bench replication`: baselines `chunkstore` and `fabric`.
+    pub fn replication(
+        setup: &super::replication::Setup,
+        runs: usize,
+        ours: Figures,
+        chunkstore: Figures,
+        fabric: Figures,
+    ) -> Report {
+        let title = format!(
+            "bench replication: 3-replica writes, {} bytes, iodepth {}, {} copysets on {} chunkservers, {} writes per run{}",
+            setup.bs,
+            setup.iodepth,
+            setup.copysets,
+            setup.chunkservers,
+            ours.iters,
+            medians_of(runs)
+        );
+        let target = 1.5 * (chunkstore.p50_us + 2.0 * fabric.p50_us);
+        let mut report = Report::build(
+            title,
+            "randwrite".into(),
+            setup.bs,
+            setup.iodepth,
+            runs,
+            ours,
+        );
+        report.iodepth = Some(setup.iodepth);
+        report.sync = Some("raft".into());
+        report.chunkservers = Some(setup.chunkservers);
+        report.copysets = Some(setup.copysets);
+        report.target_p50_us = Some(target);
+        report.notes = vec![
+            "chunkstore: the same writes on one local chunk store, fdatasync each".into(),
+            format!(
+                "fabric: a round trip of {} bytes ({})",
+                setup.bs,
+                if setup.iodepth == 1 {
+                    "ping-pong".to_string()
+                } else {
+                    format!("{} in flight", setup.iodepth)
+                }
+            ),
+            format!(
+                "target: p50 <= 1.5 x (chunkstore p50 + 2 x fabric p50) = {target:.1} us; quiver is at {:.2}x of it",
+                report.p50_us / target
+            ),
+        ];
+        report.add_baselines(vec![chunkstore, fabric]);
+        report
+    }
+
     fn build(
         title: String,
         mode: String,
@@ -211,6 +271,9 @@ impl Report {
             iodepth: None,
             sync: None,
             working_set_bytes: None,
+            chunkservers: None,
+            copysets: None,
+            target_p50_us: None,
             runs,
             iters: ours.iters,
             p50_us: ours.p50_us,

@@ -216,6 +216,9 @@ struct Shared {
     stats: LogStats,
     /// Set after a failed write: the engine refuses everything from then on.
     failed: Option<String>,
+    /// Groups whose committed id changed since it was last written (see
+    /// [`LogEngine::note_committed`]).
+    committed_unwritten: Vec<u64>,
 }
 
 /// The log engine of one disk.
@@ -287,6 +290,7 @@ impl LogEngine {
             groups,
             stats: LogStats::default(),
             failed: None,
+            committed_unwritten: Vec::new(),
         }));
         let writer = Writer::start(config, segments, tail, Arc::clone(&shared))?;
         let (tx, rx) = mpsc::channel();
@@ -409,6 +413,21 @@ impl LogEngine {
         shared.groups.entry(group).or_default().committed = Some(id);
         drop(shared);
         self.send(vec![Owned::Committed { group, id }], done);
+        Ok(())
+    }
+
+    /// Records `group`'s committed id without a write of its own: it goes to
+    /// disk with the next batch written for another reason. Raft needs the
+    /// committed id only as a hint after a restart (the leader tells it
+    /// again), so an fdatasync per commit, on the path of every write, would
+    /// buy nothing.
+    pub fn note_committed(&self, group: u64, id: LogId) -> Result<(), LogError> {
+        let mut shared = self.lock();
+        self.check(&shared)?;
+        shared.groups.entry(group).or_default().committed = Some(id);
+        if !shared.committed_unwritten.contains(&group) {
+            shared.committed_unwritten.push(group);
+        }
         Ok(())
     }
 
@@ -595,6 +614,20 @@ impl Writer {
             }
             if batch.is_empty() {
                 continue;
+            }
+            let noted: Vec<Owned> = {
+                let mut shared = self.shared.lock().expect("log state lock");
+                let groups = std::mem::take(&mut shared.committed_unwritten);
+                groups
+                    .into_iter()
+                    .filter_map(|group| {
+                        let id = shared.groups.get(&group)?.committed?;
+                        Some(Owned::Committed { group, id })
+                    })
+                    .collect()
+            };
+            if !noted.is_empty() {
+                batch.push((noted, Box::new(|_| {})));
             }
             let result = self.write_batch(&batch);
             {
