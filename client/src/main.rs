@@ -369,6 +369,10 @@ fn chunkserver(path: &std::path::Path) -> anyhow::Result<()> {
 
 fn admin(what: AdminCommand) -> anyhow::Result<()> {
     use quiver_raft::chunk_client::ChunkClient;
+    // Output piped into `head` and the like: stop quietly when it closes, as
+    // shell tools do. (Only here: servers must never die of a closed socket.)
+    // SAFETY: restoring a signal's default disposition, before any thread.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     runtime()?.block_on(async move {
         let client = ChunkClient::start(quiver_fabric::WorkerConfig::default())?;
         match what {

@@ -216,21 +216,22 @@ impl ChunkClient {
         })
     }
 
-    /// Creates `copyset` on every member of `peers` (node id → address); the
-    /// first member initializes the group.
+    /// Creates `copyset` on every member of `peers` (node id → address); one
+    /// member ([`service::bootstrap_member`]) initializes the group.
     pub async fn create_copyset(
         &self,
         copyset: u32,
         peers: &std::collections::BTreeMap<u64, String>,
     ) -> Result<(), ClientError> {
-        for (i, addr) in peers.values().enumerate() {
+        let bootstrap = service::bootstrap_member(copyset, peers);
+        for (&node, addr) in peers {
             let server: SocketAddr = addr.parse().map_err(|e| ClientError::Refused {
                 server: SocketAddr::from(([0, 0, 0, 0], 0)),
                 error: ChunkError::BadRequest(format!("peer address {addr:?}: {e}")),
             })?;
             let spec = CopysetSpec {
                 peers: peers.clone(),
-                bootstrap: i == 0,
+                bootstrap: Some(node) == bootstrap,
             };
             let body = serde_json::to_vec(&spec).expect("serializes");
             self.call(server, copyset, KIND_CREATE_COPYSET, body)

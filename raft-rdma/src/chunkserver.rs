@@ -252,7 +252,7 @@ impl Chunkserver {
             server.open_copyset(id, spec).await?;
         }
         for c in &config.copysets {
-            let bootstrap = c.peers.keys().next() == Some(&config.node_id);
+            let bootstrap = service::bootstrap_member(c.id, &c.peers) == Some(config.node_id);
             let spec = CopysetSpec {
                 peers: c.peers.clone(),
                 bootstrap,

@@ -94,6 +94,14 @@ pub struct CopysetSpec {
     pub bootstrap: bool,
 }
 
+/// The member that initializes copyset `copyset`: they take turns by
+/// copyset id, so first leaders (the initializer usually wins the first
+/// election) spread over the servers.
+pub fn bootstrap_member(copyset: u32, peers: &BTreeMap<u64, String>) -> Option<u64> {
+    let n = peers.len();
+    (n > 0).then(|| *peers.keys().nth(copyset as usize % n).expect("in range"))
+}
+
 /// Where a copyset's leader is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderInfo {
