@@ -48,12 +48,19 @@ pub const STATE_FILE: &str = "state.json";
 /// A chunkserver's chunk store, shared by the copysets on its disk.
 pub struct Disk {
     store: Mutex<ChunkStore>,
+    /// The first applied write that failed after it was submitted: the disk
+    /// is broken, and every copyset on it stops applying.
+    failed: Mutex<Option<StoreError>>,
+    /// Tokens of applied writes (to find a write's own completion).
+    next_token: std::sync::atomic::AtomicU64,
 }
 
 impl Disk {
     pub fn new(store: ChunkStore) -> Disk {
         Disk {
             store: Mutex::new(store),
+            failed: Mutex::new(None),
+            next_token: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -61,6 +68,37 @@ impl Disk {
     /// copyset of the disk: keep it for one IO.
     pub fn store(&self) -> MutexGuard<'_, ChunkStore> {
         self.store.lock().expect("chunk store lock")
+    }
+
+    /// Collects finished applied writes without waiting. A failed one fails
+    /// the disk (its write was answered already: only stopping is left). The
+    /// error of the write `token`, if it finished, is returned instead.
+    pub fn reap(&self, store: &mut ChunkStore, token: Option<u64>) -> Result<(), StoreError> {
+        let mut own = Ok(());
+        loop {
+            let done = match store.poll(false) {
+                Ok(Some(done)) => done,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(e.clone());
+                    return Err(e);
+                }
+            };
+            match done.result {
+                Ok(_) => {}
+                Err(e) if Some(done.token) == token => own = Err(e),
+                Err(e) => self.fail(e),
+            }
+        }
+        match self.failed.lock().expect("disk lock").clone() {
+            Some(e) => Err(e),
+            None => own,
+        }
+    }
+
+    fn fail(&self, e: StoreError) {
+        tracing::error!(error = %e, "an applied chunk write failed: this disk stops applying");
+        self.failed.lock().expect("disk lock").get_or_insert(e);
     }
 }
 
@@ -219,7 +257,32 @@ impl ChunkMachine {
                 if store.stat(key).is_err() {
                     create(store, key, sn)?;
                 }
-                match store.write(key, sn, offset, data, false) {
+                // Submitted, not waited for: the log holds the write durably,
+                // and the store orders a later read of these pages after it.
+                let disk = &self.0.disk;
+                let token = disk
+                    .next_token
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut buf = loop {
+                    match store.arena().alloc(data.len()) {
+                        Ok(buf) => break buf,
+                        // Buffers of writes in flight: wait for one to finish.
+                        Err(_) if store.in_flight() > 0 => {
+                            if let Some(done) = store.poll(true)? {
+                                if let Err(e) = done.result {
+                                    disk.fail(e.clone());
+                                    return Err(e);
+                                }
+                            }
+                        }
+                        Err(e) => return Err(StoreError::NoBuffer(e.to_string())),
+                    }
+                };
+                buf.copy_from_slice(data);
+                let submitted = store
+                    .submit_write(key, sn, offset, buf.freeze(), false, token)
+                    .and_then(|()| disk.reap(store, Some(token)));
+                match submitted {
                     Ok(()) => Ok(Ok(())),
                     // Deterministic on every replica: an answer, not a failure.
                     Err(e @ StoreError::StaleSequence { .. })
