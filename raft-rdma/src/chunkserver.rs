@@ -101,6 +101,10 @@ pub struct ChunkserverConfig {
     /// Chunk files formatted ahead of time.
     #[serde(default = "default_pool_files")]
     pub pool_files: usize,
+    /// MiB per Raft log segment file (two exist at least: the open one and
+    /// the next, prepared ahead).
+    #[serde(default = "default_log_segment_mib")]
+    pub log_segment_mib: u64,
     /// MiB of registered memory for chunk IO (applied writes in flight,
     /// reads): a quarter in 4 KiB buffers, a quarter in 64 KiB, half in 1 MiB.
     #[serde(default = "default_arena_mib")]
@@ -125,6 +129,10 @@ fn default_transport() -> String {
 
 fn default_pool_files() -> usize {
     32
+}
+
+fn default_log_segment_mib() -> u64 {
+    64
 }
 
 fn default_arena_mib() -> usize {
@@ -180,6 +188,31 @@ struct Inner {
     raft_config: Arc<Config>,
 }
 
+/// Raises the soft limit on open files to the hard one, as servers do (the
+/// chunk store registers thousands of file slots); returns the limit.
+fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
 fn chunk_arena(mib: usize) -> anyhow::Result<Arena> {
     anyhow::ensure!(mib >= 4, "arena_mib must be at least 4");
     Ok(Arena::new(&ArenaConfig {
@@ -207,16 +240,27 @@ impl Chunkserver {
     pub async fn start(config: ChunkserverConfig) -> anyhow::Result<Chunkserver> {
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let engine = Arc::new(
-            LogEngine::open(LogConfig::new(dir.join("log"))).context("opening the Raft log")?,
+        anyhow::ensure!(
+            config.log_segment_mib >= 1,
+            "log_segment_mib must be at least 1"
         );
+        let log_config = LogConfig {
+            segment_bytes: config.log_segment_mib << 20,
+            ..LogConfig::new(dir.join("log"))
+        };
+        let engine = Arc::new(LogEngine::open(log_config).context("opening the Raft log")?);
+        let files = raise_open_files_limit();
+        let defaults = StoreConfig::new(dir.join("chunks"));
         let store_config = StoreConfig {
             pool_files: config.pool_files,
             pool_low_water: config.pool_files / 4,
-            ..StoreConfig::new(dir.join("chunks"))
+            // Registered file slots count against the descriptor limit; leave
+            // half of it for sockets, the log and the rest.
+            open_files_max: defaults.open_files_max.min((files / 2) as u32).max(64),
+            ..defaults
         };
-        let store =
-            ChunkStore::open(store_config, chunk_arena(config.arena_mib)?).context("opening the chunk store")?;
+        let store = ChunkStore::open(store_config, chunk_arena(config.arena_mib)?)
+            .context("opening the chunk store")?;
         let disk = Arc::new(Disk::new(store));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let worker_config = WorkerConfig {

@@ -1,5 +1,9 @@
 //! Chunkserver processes on loopback for tests: `quiver chunkserver` started
 //! from this build, killed with SIGKILL, restarted on the same data.
+//!
+//! `QUIVER_TEST_TRANSPORT` (tcp, the default; auto; verbs) picks the fabric
+//! transport of servers and client, and `QUIVER_BIN` the binary (the
+//! soft-RoCE guest sets both: there the binary lives elsewhere).
 
 #![allow(dead_code)] // each test file uses a different part
 
@@ -41,7 +45,9 @@ impl Server {
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "node {} runs already", self.node);
-        let child = Command::new(env!("CARGO_BIN_EXE_quiver"))
+        let bin = std::env::var("QUIVER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_quiver").to_string());
+        let child = Command::new(bin)
             .args(["chunkserver", "--config"])
             .arg(&self.config)
             .env(
@@ -79,6 +85,11 @@ impl Default for Tuning {
     }
 }
 
+/// The transport under test, as a chunkserver configuration names it.
+pub fn transport() -> String {
+    std::env::var("QUIVER_TEST_TRANSPORT").unwrap_or_else(|_| "tcp".into())
+}
+
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -96,8 +107,9 @@ pub fn start_servers(root: &Path, count: u64, tuning: &Tuning) -> Vec<Server> {
             std::fs::write(
                 &config,
                 format!(
-                    "node_id = {node}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ntransport = \"tcp\"\npool_files = {}\n\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {ELECTION_TIMEOUT_MAX_MS}\nsnapshot_every = {}\nlog_keep = {}\n",
+                    "node_id = {node}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ntransport = \"{}\"\npool_files = {}\nlog_segment_mib = 8\narena_mib = 16\n\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {ELECTION_TIMEOUT_MAX_MS}\nsnapshot_every = {}\nlog_keep = {}\n",
                     dir.display(),
+                    transport(),
                     tuning.pool_files,
                     ELECTION_TIMEOUT_MAX_MS / 2,
                     tuning.snapshot_every,
@@ -180,8 +192,13 @@ pub fn page_of(write: u64, page_bytes: usize) -> Vec<u8> {
 
 /// The client a test uses: TCP, short calls, long retries.
 pub fn client() -> ChunkClient {
+    let transport = match transport().as_str() {
+        "verbs" => quiver_fabric::TransportChoice::Verbs,
+        "auto" => quiver_fabric::TransportChoice::Auto,
+        _ => quiver_fabric::TransportChoice::Tcp,
+    };
     let mut c = ChunkClient::start(quiver_fabric::WorkerConfig {
-        transport: quiver_fabric::TransportChoice::Tcp,
+        transport,
         ..Default::default()
     })
     .unwrap();
