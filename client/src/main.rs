@@ -61,6 +61,17 @@ enum AdminCommand {
         #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
         peers: Vec<(u64, String)>,
     },
+    /// Hand a copyset's leadership to one of its members.
+    TransferLeader {
+        #[arg(long)]
+        copyset: u32,
+        /// The member (node id) to lead.
+        #[arg(long)]
+        to: u64,
+        /// Fabric addresses of the copyset's members (any of them will do).
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<SocketAddr>,
+    },
     /// Print a chunkserver's copysets: leader, term, applied index, chunks.
     Status {
         /// The chunkserver's fabric address.
@@ -381,6 +392,18 @@ fn admin(what: AdminCommand) -> anyhow::Result<()> {
                 let peers: std::collections::BTreeMap<u64, String> = peers.into_iter().collect();
                 client.create_copyset(copyset, &peers).await?;
                 println!("copyset {copyset} created on {} servers", peers.len());
+            }
+            AdminCommand::TransferLeader {
+                copyset,
+                to,
+                servers,
+            } => {
+                let started = std::time::Instant::now();
+                client.transfer_leader(&servers, copyset, to).await?;
+                println!(
+                    "copyset {copyset}: node {to} leads (took {:?})",
+                    started.elapsed()
+                );
             }
             AdminCommand::Status { server, json } => {
                 let status = client.status(server).await?;

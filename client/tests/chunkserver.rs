@@ -334,3 +334,51 @@ async fn bad_requests_get_typed_errors() {
     let e = refused(client.read(&addrs, COPYSET, 1, 0, PAGE as u64).await);
     assert!(matches!(e, ChunkError::NoSuchChunk { .. }), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_to_the_member_asked_for() {
+    let root = tempfile::tempdir().unwrap();
+    let (servers, client) = cluster(root.path(), &Tuning::default()).await;
+    let addrs = addrs(&servers);
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut next = 0;
+    for round in 0..3 {
+        write_stream(
+            Arc::clone(&client),
+            addrs.clone(),
+            next,
+            20,
+            Arc::clone(&acked),
+            Arc::clone(&progress),
+        )
+        .await;
+        next += 20;
+        let all: Vec<&Server> = servers.iter().collect();
+        let old = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
+        let to = servers[(old as usize) % servers.len()].node; // the next node
+        let started = Instant::now();
+        client.transfer_leader(&addrs, COPYSET, to).await.unwrap();
+        let took = started.elapsed();
+        let now = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
+        eprintln!("round {round}: leadership {old} -> {to} in {took:?}");
+        assert_eq!(now, to);
+    }
+    // A member that does not exist is refused; writes go on after all that.
+    let err = client
+        .transfer_leader(&addrs, COPYSET, 42)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                error: ChunkError::BadRequest(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let acked = acked.lock().unwrap().clone();
+    verify(&client, &addrs, None, &acked).await;
+}

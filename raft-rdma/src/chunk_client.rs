@@ -14,7 +14,7 @@ use quiver_fabric::WorkerConfig;
 use crate::net::{CallError, FabricNode, Service};
 use crate::service::{
     self, ChunkError, CopysetSpec, LeaderInfo, ServerStatus, KIND_CREATE_COPYSET, KIND_DELETE,
-    KIND_LEADER, KIND_READ, KIND_STATUS, KIND_WRITE,
+    KIND_LEADER, KIND_READ, KIND_STATUS, KIND_TRANSFER_LEADER, KIND_WRITE,
 };
 
 /// Why a client call failed.
@@ -73,6 +73,18 @@ impl ChunkClient {
         kind: u8,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, ClientError> {
+        self.call_within(server, copyset, kind, body, self.call_timeout)
+            .await
+    }
+
+    async fn call_within(
+        &self,
+        server: SocketAddr,
+        copyset: u32,
+        kind: u8,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
         let reply = self
             .node
             .call(
@@ -80,7 +92,7 @@ impl ChunkClient {
                 Service::Chunk,
                 (kind, u64::from(copyset)),
                 body,
-                self.call_timeout,
+                timeout,
             )
             .await
             .map_err(|error| ClientError::Call { server, error })?;
@@ -97,6 +109,7 @@ impl ChunkClient {
         copyset: u32,
         kind: u8,
         body: Vec<u8>,
+        timeout: Duration,
     ) -> Result<Vec<u8>, ClientError> {
         let started = Instant::now();
         let mut next = 0usize;
@@ -113,7 +126,10 @@ impl ChunkClient {
                 next += 1;
                 peers[next % peers.len()]
             });
-            match self.call(server, copyset, kind, body.clone()).await {
+            match self
+                .call_within(server, copyset, kind, body.clone(), timeout)
+                .await
+            {
                 Ok(answer) => {
                     self.leaders
                         .lock()
@@ -166,7 +182,7 @@ impl ChunkClient {
         data: &[u8],
     ) -> Result<(), ClientError> {
         let body = service::write_body(chunk, offset, 0, data);
-        self.to_leader(peers, copyset, KIND_WRITE, body)
+        self.to_leader(peers, copyset, KIND_WRITE, body, self.call_timeout)
             .await
             .map(|_| ())
     }
@@ -180,7 +196,8 @@ impl ChunkClient {
         len: u64,
     ) -> Result<Vec<u8>, ClientError> {
         let body = service::read_body(chunk, offset, len, false);
-        self.to_leader(peers, copyset, KIND_READ, body).await
+        self.to_leader(peers, copyset, KIND_READ, body, self.call_timeout)
+            .await
     }
 
     pub async fn delete(
@@ -190,7 +207,22 @@ impl ChunkClient {
         chunk: u64,
     ) -> Result<(), ClientError> {
         let body = service::delete_body(chunk);
-        self.to_leader(peers, copyset, KIND_DELETE, body)
+        self.to_leader(peers, copyset, KIND_DELETE, body, self.call_timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Hands leadership of `copyset` (members at `peers`) to node `to`.
+    pub async fn transfer_leader(
+        &self,
+        peers: &[SocketAddr],
+        copyset: u32,
+        to: u64,
+    ) -> Result<(), ClientError> {
+        let body = to.to_le_bytes().to_vec();
+        // A transfer waits for the target to catch up and win an election.
+        let timeout = self.call_timeout.max(Duration::from_secs(10));
+        self.to_leader(peers, copyset, KIND_TRANSFER_LEADER, body, timeout)
             .await
             .map(|_| ())
     }

@@ -169,6 +169,9 @@ struct Copyset {
     raft: Raft<TypeConfig>,
     machine: ChunkMachine,
     spec: CopysetSpec,
+    /// While leadership is being handed to this member, client requests are
+    /// sent to it (they would keep the old leader's term alive).
+    handing_to: Mutex<Option<u64>>,
 }
 
 /// A running chunkserver.
@@ -391,6 +394,7 @@ impl Chunkserver {
         match request {
             Request::Mutate(_) => {
                 let c = self.copyset(copyset)?;
+                handing_over(copyset, &c)?;
                 let mut entry = Vec::with_capacity(1 + body.len());
                 entry.push(kind);
                 entry.extend_from_slice(body);
@@ -410,6 +414,7 @@ impl Chunkserver {
             } => {
                 let c = self.copyset(copyset)?;
                 if !any_replica {
+                    handing_over(copyset, &c)?;
                     self.ensure_leader_reads(copyset, &c).await?;
                 }
                 let key = ChunkKey { copyset, chunk };
@@ -430,7 +435,143 @@ impl Chunkserver {
                 Ok(Vec::new())
             }
             Request::Status => Ok(serde_json::to_vec(&self.status()).expect("serializes")),
+            Request::TransferLeader { to } => {
+                let c = self.copyset(copyset)?;
+                self.transfer_leader(copyset, &c, to).await?;
+                Ok(Vec::new())
+            }
+            Request::Campaign => {
+                let c = self.copyset(copyset)?;
+                c.raft
+                    .trigger()
+                    .elect()
+                    .await
+                    .map_err(|e| ChunkError::Raft(e.to_string()))?;
+                Ok(Vec::new())
+            }
         }
+    }
+
+    /// Hands leadership of `copyset` to member `to`. openraft 0.9 has no
+    /// transfer: the leader stops taking requests (they go to `to`), waits
+    /// until `to` holds its whole log, and asks it to stand for election. A
+    /// leader grants a vote to an up-to-date candidate of a higher term
+    /// (openraft's lease protects followers, not the leader), so `to` wins
+    /// with the old leader's vote and the old leader steps down.
+    async fn transfer_leader(&self, copyset: u32, c: &Copyset, to: u64) -> Result<(), ChunkError> {
+        use std::time::{Duration, Instant};
+        let me = self.0.config.node_id;
+        let metrics = c.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(me) {
+            return Err(not_leader(copyset, &c.raft));
+        }
+        if to == me {
+            return Ok(());
+        }
+        let Some(target) = metrics
+            .membership_config
+            .membership()
+            .get_node(&to)
+            .cloned()
+        else {
+            return Err(ChunkError::BadRequest(format!(
+                "copyset {copyset}: node {to} is not a member"
+            )));
+        };
+        if !metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == to)
+        {
+            return Err(ChunkError::BadRequest(format!(
+                "copyset {copyset}: node {to} is a learner, not a voter"
+            )));
+        }
+        let target_addr: SocketAddr = target
+            .addr
+            .parse()
+            .map_err(|e| ChunkError::BadRequest(format!("node {to}'s address: {e}")))?;
+        let started = Instant::now();
+        // The target may lose its first election to the followers' leases
+        // and win its next: allow a few election timeouts.
+        let patience = Duration::from_millis(4 * self.0.config.raft.election_timeout_max_ms);
+        let wait_for_target = || async move {
+            let deadline = Instant::now() + patience;
+            loop {
+                if c.raft.metrics().borrow().current_leader == Some(to) {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(ChunkError::Raft(format!(
+                        "node {to} did not take over within {patience:?}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        let under_way = {
+            let mut handing = c.handing_to.lock().expect("copyset lock");
+            let was = *handing;
+            if was.is_none() {
+                *handing = Some(to);
+            }
+            was
+        };
+        match under_way {
+            // A retry of the request under way: its outcome is ours.
+            Some(t) if t == to => return wait_for_target().await,
+            Some(t) => {
+                return Err(ChunkError::BadRequest(format!(
+                    "copyset {copyset}: a transfer to node {t} is under way"
+                )))
+            }
+            None => {}
+        }
+        let result = async {
+            // Wait until the target holds everything this leader has.
+            let deadline = started + Duration::from_secs(5);
+            loop {
+                let m = c.raft.metrics().borrow().clone();
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).cloned().flatten());
+                if matched.is_some() && matched.map(|l| l.index) == m.last_log_index {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(ChunkError::Raft(format!(
+                        "node {to} did not catch up within 5 s (at {matched:?}, log at {:?})",
+                        m.last_log_index
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let answer = self
+                .0
+                .fabric
+                .call(
+                    target_addr,
+                    Service::Chunk,
+                    (service::KIND_CAMPAIGN, u64::from(copyset)),
+                    Vec::new(),
+                    Duration::from_secs(2),
+                )
+                .await
+                .map_err(|e| ChunkError::Raft(format!("asking node {to} to campaign: {e}")))?;
+            service::decode_answer(&answer.header, &answer.payload)?;
+            wait_for_target().await
+        }
+        .await;
+        *c.handing_to.lock().expect("copyset lock") = None;
+        match &result {
+            Ok(()) => {
+                tracing::info!(copyset, to, took = ?started.elapsed(), "leadership handed over")
+            }
+            Err(e) => tracing::warn!(copyset, to, error = %e, "leadership transfer failed"),
+        }
+        result
     }
 
     fn write_error(
@@ -563,6 +704,7 @@ impl Chunkserver {
                 raft,
                 machine,
                 spec,
+                handing_to: Mutex::new(None),
             }),
         );
         Ok(())
@@ -601,6 +743,33 @@ impl Chunkserver {
             transport: self.0.config.transport.clone(),
             copysets: out,
         }
+    }
+}
+
+/// Refuses client requests while this leader hands over to another member.
+fn handing_over(copyset: u32, c: &Copyset) -> Result<(), ChunkError> {
+    let Some(to) = *c.handing_to.lock().expect("copyset lock") else {
+        return Ok(());
+    };
+    let m = c.raft.metrics().borrow().clone();
+    let leader_addr = m
+        .membership_config
+        .membership()
+        .get_node(&to)
+        .map(|n| n.addr.clone());
+    Err(ChunkError::NotLeader {
+        copyset,
+        leader: Some(to),
+        leader_addr,
+    })
+}
+
+fn not_leader(copyset: u32, raft: &Raft<TypeConfig>) -> ChunkError {
+    let info = leader_info(raft);
+    ChunkError::NotLeader {
+        copyset,
+        leader: info.leader,
+        leader_addr: info.leader_addr,
     }
 }
 

@@ -21,6 +21,8 @@ pub const KIND_DELETE: u8 = 3;
 pub const KIND_LEADER: u8 = 4;
 pub const KIND_CREATE_COPYSET: u8 = 5;
 pub const KIND_STATUS: u8 = 6;
+pub const KIND_TRANSFER_LEADER: u8 = 7;
+pub const KIND_CAMPAIGN: u8 = 8;
 
 pub const STATUS_OK: u8 = 0;
 pub const STATUS_ERR: u8 = 1;
@@ -84,6 +86,12 @@ pub enum Request<'a> {
     Leader,
     CreateCopyset(CopysetSpec),
     Status,
+    /// To the leader: hand leadership to member `to`.
+    TransferLeader {
+        to: u64,
+    },
+    /// From a leader handing over: stand for election now.
+    Campaign,
 }
 
 /// A copyset to create on a chunkserver: its members by Raft node id.
@@ -198,6 +206,13 @@ pub fn decode_request(kind: u8, body: &[u8]) -> Result<Request<'_>, ChunkError> 
         }
         KIND_LEADER => Ok(Request::Leader),
         KIND_STATUS => Ok(Request::Status),
+        KIND_CAMPAIGN => Ok(Request::Campaign),
+        KIND_TRANSFER_LEADER => match <[u8; 8]>::try_from(body) {
+            Ok(to) => Ok(Request::TransferLeader {
+                to: u64::from_le_bytes(to),
+            }),
+            Err(_) => Err(short()),
+        },
         KIND_CREATE_COPYSET => serde_json::from_slice(body)
             .map(Request::CreateCopyset)
             .map_err(|e| ChunkError::BadRequest(format!("copyset spec: {e}"))),
