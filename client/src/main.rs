@@ -72,6 +72,20 @@ enum AdminCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         servers: Vec<SocketAddr>,
     },
+    /// Add a member to a copyset, remove one, or both at once (a replacement).
+    ChangePeers {
+        #[arg(long)]
+        copyset: u32,
+        /// The member to add, as NODE=ADDR (it catches up before it votes).
+        #[arg(long, value_parser = parse_peer)]
+        add: Option<(u64, String)>,
+        /// The member (node id) to remove.
+        #[arg(long)]
+        remove: Option<u64>,
+        /// Fabric addresses of the copyset's members (any of them will do).
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<SocketAddr>,
+    },
     /// Print a chunkserver's copysets: leader, term, applied index, chunks.
     Status {
         /// The chunkserver's fabric address.
@@ -404,6 +418,20 @@ fn admin(what: AdminCommand) -> anyhow::Result<()> {
                     "copyset {copyset}: node {to} leads (took {:?})",
                     started.elapsed()
                 );
+            }
+            AdminCommand::ChangePeers {
+                copyset,
+                add,
+                remove,
+                servers,
+            } => {
+                anyhow::ensure!(
+                    add.is_some() || remove.is_some(),
+                    "nothing to change: give --add, --remove or both"
+                );
+                let change = quiver_raft::service::PeerChange { add, remove };
+                client.change_peers(&servers, copyset, &change).await?;
+                println!("copyset {copyset}: membership changed");
             }
             AdminCommand::Status { server, json } => {
                 let status = client.status(server).await?;

@@ -382,3 +382,90 @@ async fn leadership_moves_to_the_member_asked_for() {
     let acked = acked.lock().unwrap().clone();
     verify(&client, &addrs, None, &acked).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_server_replaces_a_member() {
+    let root = tempfile::tempdir().unwrap();
+    let mut servers = start_servers(root.path(), 4, &Tuning::default());
+    let client = Arc::new(client());
+    for s in &servers {
+        status_within(&client, s.addr, Duration::from_secs(30)).await;
+    }
+    let fourth = servers.pop().unwrap();
+    client
+        .create_copyset(COPYSET, &peers(&servers))
+        .await
+        .unwrap();
+    let all: Vec<&Server> = servers.iter().collect();
+    leader_of(&client, &all, COPYSET, Duration::from_secs(10)).await;
+    let addrs = addrs(&servers);
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let progress = Arc::new(AtomicU64::new(0));
+    write_stream(
+        Arc::clone(&client),
+        addrs.clone(),
+        0,
+        100,
+        Arc::clone(&acked),
+        Arc::clone(&progress),
+    )
+    .await;
+    // Node 3 out, node 4 in, in one change.
+    let change = service::PeerChange {
+        add: Some((fourth.node, fourth.addr.to_string())),
+        remove: Some(3),
+    };
+    let started = Instant::now();
+    client.change_peers(&addrs, COPYSET, &change).await.unwrap();
+    eprintln!("node 4 replaced node 3 in {:?}", started.elapsed());
+    let now: Vec<SocketAddr> = vec![addrs[0], addrs[1], fourth.addr];
+    write_stream(
+        Arc::clone(&client),
+        now.clone(),
+        100,
+        50,
+        Arc::clone(&acked),
+        Arc::clone(&progress),
+    )
+    .await;
+    let leader = leader_of(
+        &client,
+        &[&servers[0], &servers[1], &fourth],
+        COPYSET,
+        Duration::from_secs(5),
+    )
+    .await;
+    let leader_addr = [&servers[0], &servers[1], &fourth]
+        .iter()
+        .find(|s| s.node == leader)
+        .unwrap()
+        .addr;
+    caught_up(&client, leader_addr, fourth.addr).await;
+    let st = client.status(fourth.addr).await.unwrap();
+    assert_eq!(st.copysets[0].voters, vec![1, 2, 4], "{st:?}");
+    let acked = acked.lock().unwrap().clone();
+    verify(&client, &now, Some(fourth.addr), &acked).await;
+    verify(&client, &now, None, &acked).await;
+    // Removing a node that is not a member is refused.
+    let err = client
+        .change_peers(
+            &now,
+            COPYSET,
+            &service::PeerChange {
+                add: None,
+                remove: Some(3),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                error: ChunkError::BadRequest(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

@@ -227,6 +227,21 @@ impl ChunkClient {
             .map(|_| ())
     }
 
+    /// Adds and/or removes a member of `copyset` (members at `peers`).
+    pub async fn change_peers(
+        &self,
+        peers: &[SocketAddr],
+        copyset: u32,
+        change: &service::PeerChange,
+    ) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(change).expect("serializes");
+        // The new member catches up first: give it time.
+        let timeout = self.call_timeout.max(Duration::from_secs(60));
+        self.to_leader(peers, copyset, service::KIND_CHANGE_PEERS, body, timeout)
+            .await
+            .map(|_| ())
+    }
+
     /// Who `server` thinks leads `copyset`.
     pub async fn leader(
         &self,

@@ -440,6 +440,11 @@ impl Chunkserver {
                 self.transfer_leader(copyset, &c, to).await?;
                 Ok(Vec::new())
             }
+            Request::ChangePeers(change) => {
+                let c = self.copyset(copyset)?;
+                self.change_peers(copyset, &c, change).await?;
+                Ok(Vec::new())
+            }
             Request::Campaign => {
                 let c = self.copyset(copyset)?;
                 c.raft
@@ -450,6 +455,75 @@ impl Chunkserver {
                 Ok(Vec::new())
             }
         }
+    }
+
+    /// Adds and/or removes a member of `copyset` (on its leader). A new
+    /// member gets the copyset created (not bootstrapping), catches up as a
+    /// learner, then the voters change in one joint-consensus step.
+    async fn change_peers(
+        &self,
+        copyset: u32,
+        c: &Copyset,
+        change: service::PeerChange,
+    ) -> Result<(), ChunkError> {
+        use openraft::ChangeMembers;
+        use std::collections::BTreeSet;
+        let m = c.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.0.config.node_id) {
+            return Err(not_leader(copyset, &c.raft));
+        }
+        let membership = m.membership_config.membership().clone();
+        let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let raft_error = |e: &dyn std::fmt::Display| ChunkError::Raft(e.to_string());
+        if let Some((id, addr)) = &change.add {
+            let server: SocketAddr = addr.parse().map_err(|e| {
+                ChunkError::BadRequest(format!("new member's address {addr:?}: {e}"))
+            })?;
+            let mut peers: BTreeMap<u64, String> = membership
+                .nodes()
+                .map(|(n, node)| (*n, node.addr.clone()))
+                .collect();
+            peers.insert(*id, addr.clone());
+            let spec = CopysetSpec {
+                peers,
+                bootstrap: false,
+            };
+            let answer = self
+                .0
+                .fabric
+                .call(
+                    server,
+                    Service::Chunk,
+                    (service::KIND_CREATE_COPYSET, u64::from(copyset)),
+                    serde_json::to_vec(&spec).expect("serializes"),
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+                .map_err(|e| ChunkError::Raft(format!("creating the copyset on {server}: {e}")))?;
+            service::decode_answer(&answer.header, &answer.payload)?;
+            // Returns once the learner holds the log (or a snapshot).
+            c.raft
+                .add_learner(*id, BasicNode::new(addr), true)
+                .await
+                .map_err(|e| raft_error(&e))?;
+            voters.insert(*id);
+        }
+        if let Some(id) = change.remove {
+            if !voters.remove(&id) {
+                return Err(ChunkError::BadRequest(format!(
+                    "copyset {copyset}: node {id} is not a voter"
+                )));
+            }
+        }
+        if voters.is_empty() {
+            return Err(ChunkError::BadRequest("a copyset needs a voter".into()));
+        }
+        c.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
+            .await
+            .map_err(|e| raft_error(&e))?;
+        tracing::info!(copyset, ?change, ?voters, "membership changed");
+        Ok(())
     }
 
     /// Hands leadership of `copyset` to member `to`. openraft 0.9 has no

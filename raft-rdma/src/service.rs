@@ -23,6 +23,7 @@ pub const KIND_CREATE_COPYSET: u8 = 5;
 pub const KIND_STATUS: u8 = 6;
 pub const KIND_TRANSFER_LEADER: u8 = 7;
 pub const KIND_CAMPAIGN: u8 = 8;
+pub const KIND_CHANGE_PEERS: u8 = 9;
 
 pub const STATUS_OK: u8 = 0;
 pub const STATUS_ERR: u8 = 1;
@@ -92,6 +93,17 @@ pub enum Request<'a> {
     },
     /// From a leader handing over: stand for election now.
     Campaign,
+    /// To the leader: add a member, remove one, or both (a replacement).
+    ChangePeers(PeerChange),
+}
+
+/// A membership change of a copyset. An added member gets the copyset
+/// created, catches up as a learner, and only then becomes a voter; the
+/// removal (if any) happens in the same joint-consensus change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerChange {
+    pub add: Option<(u64, String)>,
+    pub remove: Option<u64>,
 }
 
 /// A copyset to create on a chunkserver: its members by Raft node id.
@@ -207,6 +219,9 @@ pub fn decode_request(kind: u8, body: &[u8]) -> Result<Request<'_>, ChunkError> 
         KIND_LEADER => Ok(Request::Leader),
         KIND_STATUS => Ok(Request::Status),
         KIND_CAMPAIGN => Ok(Request::Campaign),
+        KIND_CHANGE_PEERS => serde_json::from_slice(body)
+            .map(Request::ChangePeers)
+            .map_err(|e| ChunkError::BadRequest(format!("peer change: {e}"))),
         KIND_TRANSFER_LEADER => match <[u8; 8]>::try_from(body) {
             Ok(to) => Ok(Request::TransferLeader {
                 to: u64::from_le_bytes(to),
