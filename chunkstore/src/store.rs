@@ -519,6 +519,11 @@ impl ChunkStore {
         self.free_file(snap)
     }
 
+    /// Whether the chunk exists (cheap, unlike `stat`, which counts pages).
+    pub fn contains(&self, key: ChunkKey) -> bool {
+        self.chunks.contains_key(&key)
+    }
+
     pub fn stat(&self, key: ChunkKey) -> Result<ChunkStat, StoreError> {
         let chunk = self.chunks.get(&key).ok_or(StoreError::NoSuchChunk(key))?;
         let pages_written = (0..PAGES).filter(|&p| chunk.file.crc_entry(p) != 0).count();

@@ -254,7 +254,7 @@ impl ChunkMachine {
                 data,
             } => {
                 let key = ChunkKey { copyset, chunk };
-                if store.stat(key).is_err() {
+                if !store.contains(key) {
                     create(store, key, sn)?;
                 }
                 // Submitted, not waited for: the log holds the write durably,
@@ -306,7 +306,7 @@ impl ChunkMachine {
         let key = ChunkKey { copyset, chunk };
         let fresh = {
             let mut store = self.0.disk.store();
-            if store.stat(key).is_err() {
+            if !store.contains(key) {
                 create(&mut store, key, sn).map_err(|e| storage_error("creating a chunk", e))?;
                 true
             } else {
