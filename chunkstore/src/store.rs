@@ -12,7 +12,8 @@
 //!
 //! Ordering: an operation waits while an earlier in-flight operation on the
 //! same chunk overlaps its pages (a write overlaps anything, a read overlaps
-//! writes); waiting operations start in arrival order. Operations on
+//! writes; two writes also overlap when they share a checksum page, which
+//! each rewrites whole); waiting operations start in arrival order. Operations on
 //! different chunks, or on disjoint pages, run in parallel.
 //!
 //! To ensure correctness, a caller must:
@@ -712,10 +713,18 @@ impl ChunkStore {
             };
             let op = self.ops[index].as_ref().expect("waiting op is live");
             let is_write = matches!(op.kind, OpKind::Write { .. });
+            // The checksum pages a write rewrites (whole, from the table in
+            // memory): two writes sharing one must land in order too, or the
+            // older table page could be the one left on disk.
+            let crc_pages = |r: &Range<usize>| {
+                r.start / PAGES_PER_CRC_PAGE..(r.end - 1) / PAGES_PER_CRC_PAGE + 1
+            };
+            let overlap = |a: &Range<usize>, b: &Range<usize>| a.start < b.end && b.start < a.end;
             let blocked = chunk.in_flight.iter().any(|(pages, other_write, _)| {
-                (is_write || *other_write)
-                    && pages.start < op.pages.end
-                    && op.pages.start < pages.end
+                ((is_write || *other_write) && overlap(pages, &op.pages))
+                    || (is_write
+                        && *other_write
+                        && overlap(&crc_pages(pages), &crc_pages(&op.pages)))
             });
             if blocked {
                 return;

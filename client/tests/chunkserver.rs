@@ -206,18 +206,30 @@ async fn a_follower_with_a_wiped_disk_rejoins_through_a_snapshot() {
     servers[wiped].start();
     let server = servers[wiped].addr;
     status_within(&client, server, Duration::from_secs(30)).await;
-    // An empty server: the copyset is created on it again (as the control
-    // plane will do), without bootstrapping.
-    let spec = service::CopysetSpec {
-        peers: peers(&servers),
-        bootstrap: false,
-    };
+    // An empty server must not vote as the member it was (it would grant
+    // votes knowing nothing of the log it had acknowledged): it leaves the
+    // copyset and joins again, as a learner first, which brings it the
+    // snapshot; then it votes again.
+    let node = servers[wiped].node;
     client
-        .call(
-            server,
+        .change_peers(
+            &addrs,
             COPYSET,
-            service::KIND_CREATE_COPYSET,
-            serde_json::to_vec(&spec).unwrap(),
+            &service::PeerChange {
+                add: None,
+                remove: Some(node),
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .change_peers(
+            &addrs,
+            COPYSET,
+            &service::PeerChange {
+                add: Some((node, server.to_string())),
+                remove: None,
+            },
         )
         .await
         .unwrap();

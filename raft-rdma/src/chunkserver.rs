@@ -172,6 +172,9 @@ struct Copyset {
     /// While leadership is being handed to this member, client requests are
     /// sent to it (they would keep the old leader's term alive).
     handing_to: Mutex<Option<u64>>,
+    /// Until when (and in which term) this leader may serve reads on its
+    /// own: set from the moment it asked a quorum that then confirmed it.
+    lease: Mutex<Option<(u64, std::time::Instant)>>,
 }
 
 /// A running chunkserver.
@@ -216,13 +219,19 @@ fn raise_open_files_limit() -> u64 {
     limit.rlim_cur
 }
 
-fn chunk_arena(mib: usize) -> anyhow::Result<Arena> {
+/// The chunk store's registered memory: `mib` for IO, plus one checksum
+/// table (16 KiB) per file the store may hold open.
+fn chunk_arena(mib: usize, open_files: usize) -> anyhow::Result<Arena> {
     anyhow::ensure!(mib >= 4, "arena_mib must be at least 4");
     Ok(Arena::new(&ArenaConfig {
         classes: vec![
             SizeClass {
                 buf_bytes: 4 << 10,
                 count: mib * 64,
+            },
+            SizeClass {
+                buf_bytes: quiver_chunkstore::format::CRC_BYTES,
+                count: open_files,
             },
             SizeClass {
                 buf_bytes: 64 << 10,
@@ -262,8 +271,8 @@ impl Chunkserver {
             open_files_max: defaults.open_files_max.min((files / 2) as u32).max(64),
             ..defaults
         };
-        let store = ChunkStore::open(store_config, chunk_arena(config.arena_mib)?)
-            .context("opening the chunk store")?;
+        let arena = chunk_arena(config.arena_mib, store_config.open_files_max as usize)?;
+        let store = ChunkStore::open(store_config, arena).context("opening the chunk store")?;
         let disk = Arc::new(Disk::new(store));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let worker_config = WorkerConfig {
@@ -474,7 +483,19 @@ impl Chunkserver {
         }
         let membership = m.membership_config.membership().clone();
         let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let raft_error = |e: &dyn std::fmt::Display| ChunkError::Raft(e.to_string());
+        // Made already (a retried request whose answer was lost): done.
+        let add_done = change
+            .add
+            .as_ref()
+            .is_some_and(|(id, _)| voters.contains(id));
+        let remove_done = change.remove.is_some_and(|id| !voters.contains(&id));
+        match (&change.add, change.remove) {
+            (Some(_), None) if add_done => return Ok(()),
+            (Some(_), Some(_)) if add_done && remove_done => return Ok(()),
+            _ => {}
+        }
+        let raft_error =
+            |e: RaftError<u64, ClientWriteError<u64, BasicNode>>| self.write_error(copyset, e);
         if let Some((id, addr)) = &change.add {
             let server: SocketAddr = addr.parse().map_err(|e| {
                 ChunkError::BadRequest(format!("new member's address {addr:?}: {e}"))
@@ -505,7 +526,19 @@ impl Chunkserver {
             c.raft
                 .add_learner(*id, BasicNode::new(addr), true)
                 .await
-                .map_err(|e| raft_error(&e))?;
+                .map_err(raft_error)?;
+            voters.insert(*id);
+        }
+        // The voters now: a learner's catch-up can take long.
+        voters = c
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if let Some((id, _)) = &change.add {
             voters.insert(*id);
         }
         if let Some(id) = change.remove {
@@ -521,7 +554,7 @@ impl Chunkserver {
         c.raft
             .change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
             .await
-            .map_err(|e| raft_error(&e))?;
+            .map_err(raft_error)?;
         tracing::info!(copyset, ?change, ?voters, "membership changed");
         Ok(())
     }
@@ -592,6 +625,8 @@ impl Chunkserver {
             }
             was
         };
+        // This leader will vote for the target: its reads need a new proof.
+        *c.lease.lock().expect("copyset lock") = None;
         match under_way {
             // A retry of the request under way: its outcome is ours.
             Some(t) if t == to => return wait_for_target().await,
@@ -664,20 +699,25 @@ impl Chunkserver {
     }
 
     /// Lets a read through only on the leader: at once while its lease holds,
-    /// after a round of heartbeats otherwise.
+    /// after a round of heartbeats otherwise. The lease is our own clock's:
+    /// it starts when we asked the quorum that confirmed us (openraft's
+    /// metrics are refreshed only between its own steps, so their age of the
+    /// last quorum answer can be stale), and followers elect no one else for
+    /// an election timeout after hearing from us.
     async fn ensure_leader_reads(&self, copyset: u32, c: &Copyset) -> Result<(), ChunkError> {
         let node = self.0.config.node_id;
-        let lease_ok = {
-            let m = c.raft.metrics().borrow().clone();
-            m.current_leader == Some(node)
-                && m.millis_since_quorum_ack
-                    .is_some_and(|ms| ms < self.0.config.raft.lease_ms())
-                // Entries of earlier terms are applied once this term's first is.
-                && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
-        };
-        if lease_ok {
-            return Ok(());
+        let m = c.raft.metrics().borrow().clone();
+        let held = *c.lease.lock().expect("copyset lock");
+        if let Some((term, until)) = held {
+            if m.current_leader == Some(node)
+                && m.current_term == term
+                && std::time::Instant::now() < until
+            {
+                return Ok(());
+            }
         }
+        let asked = std::time::Instant::now();
+        // Also waits until what was committed before is applied here.
         c.raft.ensure_linearizable().await.map_err(|e| match e {
             RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
                 ChunkError::NotLeader {
@@ -688,6 +728,9 @@ impl Chunkserver {
             }
             other => ChunkError::Raft(other.to_string()),
         })?;
+        let term = c.raft.metrics().borrow().current_term;
+        let lease = std::time::Duration::from_millis(self.0.config.raft.lease_ms());
+        *c.lease.lock().expect("copyset lock") = Some((term, asked + lease));
         Ok(())
     }
 
@@ -779,6 +822,7 @@ impl Chunkserver {
                 machine,
                 spec,
                 handing_to: Mutex::new(None),
+                lease: Mutex::new(None),
             }),
         );
         Ok(())

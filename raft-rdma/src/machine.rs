@@ -153,6 +153,9 @@ struct Shared {
     fabric: Arc<FabricNode>,
     /// The live state (its applied point runs ahead of the file's).
     state: Mutex<State>,
+    /// Building and installing a snapshot both write the state file: one
+    /// at a time (openraft 0.9 builds on a task of its own).
+    snapshotting: tokio::sync::Mutex<()>,
 }
 
 /// One copyset's state machine.
@@ -190,6 +193,7 @@ impl ChunkMachine {
             self_addr,
             fabric,
             state: Mutex::new(state),
+            snapshotting: tokio::sync::Mutex::new(()),
         })))
     }
 
@@ -223,9 +227,13 @@ impl ChunkMachine {
     }
 
     /// Writes the state file: into a temporary file, synced, renamed over.
+    /// Callers hold `snapshotting`.
     fn persist(&self, state: &State) -> Result<(), Error> {
         let path = self.0.dir.join(STATE_FILE);
-        let tmp = self.0.dir.join(format!("{STATE_FILE}.tmp"));
+        let tmp = self
+            .0
+            .dir
+            .join(format!("{STATE_FILE}.{}.tmp", std::process::id()));
         let bytes = serde_json::to_vec(state).expect("the state serializes");
         let write = || -> std::io::Result<()> {
             use std::io::Write;
@@ -341,12 +349,14 @@ impl ChunkMachine {
         source: SocketAddr,
         body: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, Error> {
-        const ATTEMPTS: u32 = 5;
+        // A source restarting or busy: retry for about half a minute before
+        // giving up (which stops this copyset's Raft on this server).
+        const ATTEMPTS: u32 = 12;
         let copyset = self.0.copyset;
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                tokio::time::sleep(Duration::from_millis((100u64 << attempt).min(4000))).await;
             }
             let answer = self
                 .0
@@ -389,17 +399,22 @@ fn create(store: &mut ChunkStore, key: ChunkKey, sn: u64) -> Result<(), StoreErr
 
 impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
+        let _one_at_a_time = self.0.snapshotting.lock().await;
         let (last_applied, membership) = {
             let state = self.state();
             (state.last_applied, state.membership.clone())
         };
         // Everything applied up to `last_applied` (and maybe more) is made
-        // durable before the log that holds it may go.
+        // durable before the log that holds it may go; a write that failed
+        // on the way fails the snapshot (and the log stays).
         let chunks = {
-            let mut store = self.0.disk.store();
+            let disk = &self.0.disk;
+            let mut store = disk.store();
             store
                 .sync_dirty()
                 .map_err(|e| storage_error("syncing chunks", e))?;
+            disk.reap(&mut store, None)
+                .map_err(|e| storage_error("an applied write failed", e))?;
             store
                 .list()
                 .into_iter()
@@ -421,13 +436,21 @@ impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
             meta: meta.clone(),
             data: data.clone(),
         };
-        let to_save = State {
-            last_applied,
-            membership,
-            snapshot: Some(stored.clone()),
+        // An install since we read `last_applied` moved the state past it:
+        // keep that, and hand out what we built without recording it.
+        let newer_installed = {
+            let state = self.state();
+            state.snapshot.as_ref().and_then(|s| s.meta.last_log_id) > last_applied
         };
-        self.persist(&to_save)?;
-        self.state().snapshot = Some(stored);
+        if !newer_installed {
+            let to_save = State {
+                last_applied,
+                membership,
+                snapshot: Some(stored.clone()),
+            };
+            self.persist(&to_save)?;
+            self.state().snapshot = Some(stored);
+        }
         tracing::debug!(copyset = self.0.copyset, index = ?last_applied.map(|l| l.index), "snapshot built");
         Ok(Snapshot {
             meta,
@@ -496,9 +519,17 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
         meta: &SnapshotMeta<u64, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), Error> {
+        let _one_at_a_time = self.0.snapshotting.lock().await;
         let data = snapshot.into_inner();
         let parsed: SnapshotData = serde_json::from_slice(&data)
             .map_err(|e| storage_error("reading a received snapshot", e))?;
+        if parsed.source == self.0.self_addr {
+            // Our own data is what the snapshot must replace.
+            return Err(storage_error(
+                "installing a snapshot",
+                "its source is this server",
+            ));
+        }
         let source: SocketAddr = parsed
             .source
             .parse()
@@ -512,7 +543,10 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
             "installing a snapshot"
         );
         for key in self.chunks() {
-            if !wanted.contains_key(&key.chunk) {
+            let sn = self.0.disk.store().stat(key).map(|s| s.sn).ok();
+            // Missing from the list, or another life of the chunk (its
+            // sequence differs): gone here; a fetch makes it again.
+            if wanted.get(&key.chunk).copied() != sn {
                 self.0
                     .disk
                     .store()
@@ -528,6 +562,14 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
             .store()
             .sync_dirty()
             .map_err(|e| storage_error("syncing fetched chunks", e))?;
+        // Recorded as ours, with us as its source: sent on from here later,
+        // it must not send its receiver back to a server that may be gone
+        // (or be the receiver itself).
+        let data = serde_json::to_vec(&SnapshotData {
+            source: self.0.self_addr.clone(),
+            chunks: parsed.chunks,
+        })
+        .expect("snapshot data serializes");
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data,
