@@ -352,3 +352,45 @@ fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
     segment_files(dir).pop().unwrap()
 }
+
+/// A roll to a new segment puts every group's vote, committed id and purge
+/// point in front of the bytes waiting to be written: the write must be
+/// padded for all of it. (It was padded for the waiting bytes alone, and the
+/// writer thread panicked when the metadata pushed them past a page.)
+#[test]
+fn a_roll_with_metadata_in_front_of_a_write_keeps_the_log_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 64 << 10,
+        ..small(dir.path())
+    };
+    let groups = 40;
+    let mut next = vec![1u64; groups as usize];
+    {
+        let log = LogEngine::open(config.clone()).unwrap();
+        for g in 0..groups {
+            let vote = Vote {
+                term: 3,
+                node: 7,
+                committed: true,
+            };
+            wait_durable(|done| log.save_vote(g, vote, done)).unwrap();
+        }
+        // Writes of many sizes, so some roll with their bytes ending just
+        // short of a page boundary.
+        for round in 0..400u64 {
+            let g = round % groups;
+            let i = next[g as usize];
+            append(&log, g, i, i + 1 + round % 3);
+            next[g as usize] = i + 1 + round % 3;
+        }
+        for g in 0..groups {
+            check(&log, g, 1, next[g as usize]);
+        }
+    }
+    let log = LogEngine::open(config).unwrap();
+    for g in 0..groups {
+        check(&log, g, 1, next[g as usize]);
+        assert_eq!(log.vote(g).map(|v| v.term), Some(3));
+    }
+}

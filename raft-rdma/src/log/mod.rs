@@ -697,6 +697,8 @@ impl Writer {
         if self.tail + padded as u64 > self.config.segment_bytes && self.tail > 0 {
             self.roll()?;
         }
+        // A roll put the metadata in front: pad for what is there now.
+        let padded = self.encoded.len().next_multiple_of(PAGE_BYTES);
         let mut buf = self
             .arena
             .alloc(padded)
