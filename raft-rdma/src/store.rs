@@ -3,8 +3,8 @@
 //!
 //! openraft is pinned to 0.9.25 (storage-v2): its `append` takes a callback
 //! for durability, which the engine's group commit serves (a batch of appends
-//! from many copysets shares one fdatasync). 0.10 is still alpha; measuring it
-//! against 0.9 on the replication benchmark is issue 5's remaining work.
+//! from many copysets shares one fdatasync). 0.10.0-alpha.37 was measured
+//! against it and not taken: ARCHITECTURE.md says why.
 //!
 //! Entry payloads on disk: one tag byte, then the request's bytes (`1`), the
 //! membership as JSON (`2`, rare), or nothing for a blank entry (`0`).
