@@ -572,6 +572,18 @@ impl ChunkStore {
         self.pool.len()
     }
 
+    /// Formats one pool file if the pool is below its configured size;
+    /// returns whether it did. For a background task that must not hold the
+    /// store for more than one file's formatting at a time.
+    pub fn replenish_one(&mut self) -> Result<bool, StoreError> {
+        if self.pool.len() >= self.config.pool_files {
+            return Ok(false);
+        }
+        let target = self.pool.len() + 1;
+        self.pool.fill(target, |_, _| {})?;
+        Ok(true)
+    }
+
     /// Formats pool files back up to the configured size.
     pub fn replenish(&mut self) -> Result<(), StoreError> {
         let target = self.config.pool_files;

@@ -109,8 +109,12 @@ fn the_pool_runs_out_cleanly_and_deleted_chunks_come_back_as_zeros() {
         store.read(key(1), 0, PAGE_BYTES),
         Err(StoreError::NoSuchChunk(_))
     ));
+    // One file at a time (a background task's way), up to the pool's size.
+    assert!(store.replenish_one().unwrap());
+    assert_eq!(store.pool_free(), 1);
     store.replenish().unwrap();
     assert_eq!(store.pool_free(), 2);
+    assert!(!store.replenish_one().unwrap());
 }
 
 #[test]

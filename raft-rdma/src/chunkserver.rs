@@ -329,6 +329,7 @@ impl Chunkserver {
         }
         let serving = server.clone();
         tokio::spawn(async move { serving.serve(rx).await });
+        tokio::spawn(keep_pool_filled(Arc::downgrade(&server.0)));
         tracing::info!(
             node = config.node_id,
             addr = %server.0.addr,
@@ -860,6 +861,34 @@ impl Chunkserver {
             addr: self.0.addr.to_string(),
             transport: self.0.config.transport.clone(),
             copysets: out,
+        }
+    }
+}
+
+/// Formats chunk files in the background whenever the pool is below its
+/// size, one file per hold of the store (a chunk creation finding the pool
+/// empty formats in line, stalling every copyset of the disk meanwhile).
+async fn keep_pool_filled(server: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let Some(inner) = server.upgrade() else {
+            return;
+        };
+        let disk = Arc::clone(&inner.disk);
+        drop(inner);
+        loop {
+            let disk = Arc::clone(&disk);
+            let formatted = tokio::task::spawn_blocking(move || disk.store().replenish_one()).await;
+            match formatted {
+                Ok(Ok(true)) => continue,
+                Ok(Ok(false)) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "formatting chunk files failed");
+                    break;
+                }
+                Err(_) => return,
+            }
         }
     }
 }
