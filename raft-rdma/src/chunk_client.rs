@@ -152,9 +152,9 @@ impl ChunkClient {
                 }
                 Err(ClientError::Refused {
                     server,
-                    error: ChunkError::Raft(why),
+                    error: error @ (ChunkError::Raft(_) | ChunkError::Busy(_)),
                 }) => {
-                    last = format!("{server}: {why}");
+                    last = format!("{server}: {error}");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }

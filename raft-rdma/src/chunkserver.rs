@@ -359,13 +359,26 @@ impl Chunkserver {
     }
 
     async fn serve(self, mut inbound: tokio::sync::mpsc::UnboundedReceiver<Incoming>) {
+        // Client requests in service at once: past this, answer Busy (the
+        // client backs off) rather than queue bodies of up to 1 MiB each.
+        const CHUNK_REQUESTS_MAX: usize = 1024;
+        let admitted = Arc::new(tokio::sync::Semaphore::new(CHUNK_REQUESTS_MAX));
         while let Some(rpc) = inbound.recv().await {
             match rpc.service {
                 Service::Raft => handle_raft(&self.0.groups, rpc),
-                Service::Chunk => {
-                    let server = self.clone();
-                    tokio::spawn(async move { server.handle_chunk(rpc).await });
-                }
+                Service::Chunk => match Arc::clone(&admitted).try_acquire_owned() {
+                    Ok(permit) => {
+                        let server = self.clone();
+                        tokio::spawn(async move {
+                            server.handle_chunk(rpc).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => rpc.reply.send_with_header(
+                        vec![service::STATUS_ERR],
+                        service::error_body(&ChunkError::Busy(CHUNK_REQUESTS_MAX)),
+                    ),
+                },
             }
         }
     }

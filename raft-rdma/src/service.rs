@@ -56,6 +56,9 @@ pub enum ChunkError {
     Storage(String),
     #[error("raft: {0}")]
     Raft(String),
+    /// The server has this many requests in service already: retry later.
+    #[error("busy: {0} requests in service")]
+    Busy(usize),
 }
 
 /// A chunk operation that goes through the Raft log.
