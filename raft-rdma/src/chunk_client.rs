@@ -40,6 +40,42 @@ pub enum ClientError {
     },
 }
 
+/// One chunk-service call from `node` to `server`, its answer decoded: how
+/// clients call, and servers call each other (snapshot fetch, campaign,
+/// copyset creation).
+pub async fn call_chunk_service(
+    node: &FabricNode,
+    server: SocketAddr,
+    copyset: u32,
+    kind: u8,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<Vec<u8>, ClientError> {
+    let reply = node
+        .call(
+            server,
+            Service::Chunk,
+            (kind, u64::from(copyset)),
+            body,
+            timeout,
+        )
+        .await
+        .map_err(|error| ClientError::Call { server, error })?;
+    service::decode_answer(&reply.header, &reply.payload)
+        .map_err(|error| ClientError::Refused { server, error })?;
+    Ok(reply.payload.to_vec())
+}
+
+impl ClientError {
+    /// The error as a chunk service reports it onwards.
+    pub fn into_chunk_error(self) -> ChunkError {
+        match self {
+            ClientError::Refused { error, .. } => error,
+            other => ChunkError::Raft(other.to_string()),
+        }
+    }
+}
+
 /// A chunk-service client with its own fabric node.
 pub struct ChunkClient {
     node: Arc<FabricNode>,
@@ -85,20 +121,7 @@ impl ChunkClient {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, ClientError> {
-        let reply = self
-            .node
-            .call(
-                server,
-                Service::Chunk,
-                (kind, u64::from(copyset)),
-                body,
-                timeout,
-            )
-            .await
-            .map_err(|error| ClientError::Call { server, error })?;
-        service::decode_answer(&reply.header, &reply.payload)
-            .map_err(|error| ClientError::Refused { server, error })?;
-        Ok(reply.payload.to_vec())
+        call_chunk_service(&self.node, server, copyset, kind, body, timeout).await
     }
 
     /// Sends a leader-only request of `copyset` (members `peers`), following

@@ -27,6 +27,7 @@ use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 use quiver_fabric::{TransportChoice, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::chunk_client::{call_chunk_service, ClientError};
 use crate::log::{LogConfig, LogEngine};
 use crate::machine::{chunk_error, ChunkMachine, Disk};
 use crate::net::{handle_raft, FabricNode, Groups, Incoming, Network, Service};
@@ -149,6 +150,27 @@ pub struct StaticCopyset {
 }
 
 impl ChunkserverConfig {
+    /// A configuration with every optional key at its default.
+    pub fn new(node_id: u64, listen: SocketAddr, data_dir: PathBuf) -> ChunkserverConfig {
+        ChunkserverConfig {
+            node_id,
+            listen,
+            data_dir,
+            transport: default_transport(),
+            pool_files: default_pool_files(),
+            log_segment_mib: default_log_segment_mib(),
+            arena_mib: default_arena_mib(),
+            spin_us: 0,
+            raft: RaftTuning::default(),
+            copysets: Vec::new(),
+        }
+    }
+
+    /// The configuration as `quiver chunkserver --config` reads it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a chunkserver configuration serializes")
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<ChunkserverConfig> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -523,19 +545,16 @@ impl Chunkserver {
                 peers,
                 bootstrap: false,
             };
-            let answer = self
-                .0
-                .fabric
-                .call(
-                    server,
-                    Service::Chunk,
-                    (service::KIND_CREATE_COPYSET, u64::from(copyset)),
-                    serde_json::to_vec(&spec).expect("serializes"),
-                    std::time::Duration::from_secs(10),
-                )
-                .await
-                .map_err(|e| ChunkError::Raft(format!("creating the copyset on {server}: {e}")))?;
-            service::decode_answer(&answer.header, &answer.payload)?;
+            call_chunk_service(
+                &self.0.fabric,
+                server,
+                copyset,
+                service::KIND_CREATE_COPYSET,
+                serde_json::to_vec(&spec).expect("serializes"),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .map_err(ClientError::into_chunk_error)?;
             // Returns once the learner holds the log (or a snapshot).
             c.raft
                 .add_learner(*id, BasicNode::new(addr), true)
@@ -671,19 +690,16 @@ impl Chunkserver {
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            let answer = self
-                .0
-                .fabric
-                .call(
-                    target_addr,
-                    Service::Chunk,
-                    (service::KIND_CAMPAIGN, u64::from(copyset)),
-                    Vec::new(),
-                    Duration::from_secs(2),
-                )
-                .await
-                .map_err(|e| ChunkError::Raft(format!("asking node {to} to campaign: {e}")))?;
-            service::decode_answer(&answer.header, &answer.payload)?;
+            call_chunk_service(
+                &self.0.fabric,
+                target_addr,
+                copyset,
+                service::KIND_CAMPAIGN,
+                Vec::new(),
+                Duration::from_secs(2),
+            )
+            .await
+            .map_err(ClientError::into_chunk_error)?;
             wait_for_target().await
         }
         .await;

@@ -37,7 +37,8 @@ use openraft::{
 use quiver_chunkstore::{ChunkKey, ChunkStore, StoreError, CHUNK_BYTES};
 use serde::{Deserialize, Serialize};
 
-use crate::net::{FabricNode, Service};
+use crate::chunk_client::{call_chunk_service, ClientError};
+use crate::net::FabricNode;
 use crate::service::{self, ChunkError, Mutation, IO_BYTES_MAX, KIND_READ};
 use crate::store::{Response, TypeConfig};
 
@@ -358,23 +359,21 @@ impl ChunkMachine {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis((100u64 << attempt).min(4000))).await;
             }
-            let answer = self
-                .0
-                .fabric
-                .call(
-                    source,
-                    Service::Chunk,
-                    (KIND_READ, u64::from(copyset)),
-                    body.clone(),
-                    Duration::from_secs(5),
-                )
-                .await;
+            let answer = call_chunk_service(
+                &self.0.fabric,
+                source,
+                copyset,
+                KIND_READ,
+                body.clone(),
+                Duration::from_secs(5),
+            )
+            .await;
             match answer {
-                Ok(reply) => match service::decode_answer(&reply.header, &reply.payload) {
-                    Ok(()) => return Ok(Some(reply.payload.to_vec())),
-                    Err(ChunkError::NoSuchChunk { .. }) => return Ok(None),
-                    Err(e) => last = e.to_string(),
-                },
+                Ok(data) => return Ok(Some(data)),
+                Err(ClientError::Refused {
+                    error: ChunkError::NoSuchChunk { .. },
+                    ..
+                }) => return Ok(None),
                 Err(e) => last = e.to_string(),
             }
         }

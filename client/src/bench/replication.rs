@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use quiver_raft::chunk_client::ChunkClient;
+use quiver_raft::chunkserver::ChunkserverConfig;
 use quiver_raft::service::ServerStatus;
 
 use super::chunkstore::{Pattern, StoreBench, SyncPolicy};
@@ -99,14 +100,11 @@ fn start_servers(s: &Setup, dir: &Path) -> anyhow::Result<Servers> {
         let addr = free_port()?;
         let data = dir.join(format!("node{node}"));
         let config = dir.join(format!("node{node}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "node_id = {node}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ntransport = \"{transport}\"\npool_files = {pool_files}\nspin_us = {}\n",
-                data.display(),
-                s.fabric.spin.as_micros()
-            ),
-        )?;
+        let mut cs = ChunkserverConfig::new(node, addr, data);
+        cs.transport = transport.to_string();
+        cs.pool_files = pool_files;
+        cs.spin_us = s.fabric.spin.as_micros() as u64;
+        std::fs::write(&config, cs.to_toml())?;
         let child = Command::new(&exe)
             .args(["chunkserver", "--config"])
             .arg(&config)

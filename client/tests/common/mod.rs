@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quiver_raft::chunk_client::ChunkClient;
+use quiver_raft::chunkserver::{ChunkserverConfig, RaftTuning};
 use quiver_raft::service::ServerStatus;
 
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
@@ -104,19 +105,19 @@ pub fn start_servers(root: &Path, count: u64, tuning: &Tuning) -> Vec<Server> {
             let addr = free_port();
             let dir = root.join(format!("node{node}"));
             let config = root.join(format!("node{node}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "node_id = {node}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ntransport = \"{}\"\npool_files = {}\nlog_segment_mib = 8\narena_mib = 16\n\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {ELECTION_TIMEOUT_MAX_MS}\nsnapshot_every = {}\nlog_keep = {}\n",
-                    dir.display(),
-                    transport(),
-                    tuning.pool_files,
-                    ELECTION_TIMEOUT_MAX_MS / 2,
-                    tuning.snapshot_every,
-                    tuning.log_keep
-                ),
-            )
-            .unwrap();
+            let mut cs = ChunkserverConfig::new(node, addr, dir.clone());
+            cs.transport = transport();
+            cs.pool_files = tuning.pool_files;
+            cs.log_segment_mib = 8;
+            cs.arena_mib = 16;
+            cs.raft = RaftTuning {
+                heartbeat_ms: 100,
+                election_timeout_min_ms: ELECTION_TIMEOUT_MAX_MS / 2,
+                election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS,
+                snapshot_every: tuning.snapshot_every,
+                log_keep: tuning.log_keep,
+            };
+            std::fs::write(&config, cs.to_toml()).unwrap();
             let mut s = Server {
                 node,
                 addr,
