@@ -26,9 +26,9 @@
 //!   replica layer repairs it (Raft replays its log).
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use quiver_arena::{Arena, Buf, BufMut};
@@ -312,27 +312,8 @@ impl ChunkStore {
     }
 
     fn open_file(&mut self, path: &Path) -> Result<OpenFile, StoreError> {
-        let open = |flags| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(flags)
-                .open(path)
-        };
-        let file = match open(libc::O_DIRECT) {
-            // A filesystem without O_DIRECT (tmpfs before Linux 6.6, some
-            // FUSE mounts): through the page cache. Durability still comes
-            // from fdatasync; the checksums still catch torn pages.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| {
-                    tracing::warn!(path = %path.display(), "no O_DIRECT on this filesystem; the chunk store goes through the page cache");
-                });
-                open(0)
-            }
-            other => other,
-        }
-        .map_err(|e| StoreError::io("open", path, &e))?;
+        let file = crate::uring::open_direct(path, false, "the chunk store")
+            .map_err(|e| StoreError::io("open", path, &e))?;
         let len = file
             .metadata()
             .map_err(|e| StoreError::io("stat", path, &e))?

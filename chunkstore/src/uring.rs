@@ -256,3 +256,39 @@ impl Ring {
         self.in_flight -= out.len();
     }
 }
+
+/// Opens `path` for reading and writing with O_DIRECT, or, on a filesystem
+/// without it (tmpfs before Linux 6.6, some FUSE mounts), through the page
+/// cache: durability still comes from fdatasync, and a warning says so once
+/// per `user`. With `create_new` the file must not exist yet.
+pub fn open_direct(
+    path: &std::path::Path,
+    create_new: bool,
+    user: &'static str,
+) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create_new)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_DIRECT) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            static WARNED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+            let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+            if !warned.contains(&user) {
+                warned.push(user);
+                tracing::warn!(path = %path.display(), "no O_DIRECT on this filesystem; {user} writes through the page cache");
+            }
+            if create_new {
+                // The failed attempt created the file.
+                let _ = std::fs::remove_file(path);
+            }
+            open(0)
+        }
+        other => other,
+    }
+}

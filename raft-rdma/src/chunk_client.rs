@@ -286,6 +286,25 @@ impl ChunkClient {
         })
     }
 
+    /// `server`'s status, once it answers (a server starting up), or the
+    /// last error after `within`.
+    pub async fn status_within(
+        &self,
+        server: SocketAddr,
+        within: Duration,
+    ) -> Result<ServerStatus, ClientError> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.status(server).await {
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(%server, error = %e, "waiting for a chunkserver");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
     /// Creates `copyset` on every member of `peers` (node id → address); one
     /// member ([`service::bootstrap_member`]) initializes the group.
     pub async fn create_copyset(

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk_client::{call_chunk_service, ClientError};
 use crate::log::{LogConfig, LogEngine};
-use crate::machine::{chunk_error, ChunkMachine, Disk};
+use crate::machine::{chunk_error, write_atomically, ChunkMachine, Disk};
 use crate::net::{handle_raft, FabricNode, Groups, Incoming, Network, Service};
 use crate::service::{
     self, ChunkError, CopysetSpec, CopysetStatus, LeaderInfo, Request, ServerStatus,
@@ -719,11 +719,7 @@ impl Chunkserver {
         e: RaftError<u64, ClientWriteError<u64, BasicNode>>,
     ) -> ChunkError {
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ChunkError::NotLeader {
-                copyset,
-                leader: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.addr),
-            },
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => forward(copyset, f),
             other => ChunkError::Raft(other.to_string()),
         }
     }
@@ -736,13 +732,14 @@ impl Chunkserver {
     /// an election timeout after hearing from us.
     async fn ensure_leader_reads(&self, copyset: u32, c: &Copyset) -> Result<(), ChunkError> {
         let node = self.0.config.node_id;
-        let m = c.raft.metrics().borrow().clone();
+        let (leader, current_term) = {
+            let m = c.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader, m.current_term)
+        };
         let held = *c.lease.lock().expect("copyset lock");
         if let Some((term, until)) = held {
-            if m.current_leader == Some(node)
-                && m.current_term == term
-                && std::time::Instant::now() < until
-            {
+            if leader == Some(node) && current_term == term && std::time::Instant::now() < until {
                 return Ok(());
             }
         }
@@ -750,11 +747,7 @@ impl Chunkserver {
         // Also waits until what was committed before is applied here.
         c.raft.ensure_linearizable().await.map_err(|e| match e {
             RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
-                ChunkError::NotLeader {
-                    copyset,
-                    leader: f.leader_id,
-                    leader_addr: f.leader_node.map(|n| n.addr),
-                }
+                forward(copyset, f)
             }
             other => ChunkError::Raft(other.to_string()),
         })?;
@@ -793,15 +786,10 @@ impl Chunkserver {
             )));
         }
         let dir = self.copyset_dir(id);
-        let save = || -> std::io::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            let tmp = dir.join("spec.json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&spec).expect("serializes"))?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, dir.join("spec.json"))?;
-            std::fs::File::open(&dir)?.sync_all()
-        };
-        save().map_err(|e| ChunkError::Storage(format!("{}: {e}", dir.display())))?;
+        let bytes = serde_json::to_vec(&spec).expect("serializes");
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| write_atomically(&dir, "spec.json", &bytes))
+            .map_err(|e| ChunkError::Storage(format!("{}: {e}", dir.display())))?;
         self.open_copyset(id, spec)
             .await
             .map_err(|e| ChunkError::Raft(format!("{e:#}")))
@@ -938,6 +926,15 @@ fn handing_over(copyset: u32, c: &Copyset) -> Result<(), ChunkError> {
         leader: Some(to),
         leader_addr,
     })
+}
+
+/// openraft's "ask the leader" as the chunk service says it.
+fn forward(copyset: u32, f: openraft::error::ForwardToLeader<u64, BasicNode>) -> ChunkError {
+    ChunkError::NotLeader {
+        copyset,
+        leader: f.leader_id,
+        leader_addr: f.leader_node.map(|n| n.addr),
+    }
 }
 
 fn not_leader(copyset: u32, raft: &Raft<TypeConfig>) -> ChunkError {

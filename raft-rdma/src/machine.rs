@@ -230,21 +230,9 @@ impl ChunkMachine {
     /// Writes the state file: into a temporary file, synced, renamed over.
     /// Callers hold `snapshotting`.
     fn persist(&self, state: &State) -> Result<(), Error> {
-        let path = self.0.dir.join(STATE_FILE);
-        let tmp = self
-            .0
-            .dir
-            .join(format!("{STATE_FILE}.{}.tmp", std::process::id()));
         let bytes = serde_json::to_vec(state).expect("the state serializes");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.0.dir)?.sync_all()
-        };
-        write().map_err(|e| storage_error("saving the copyset state", e))
+        write_atomically(&self.0.dir, STATE_FILE, &bytes)
+            .map_err(|e| storage_error("saving the copyset state", e))
     }
 
     /// Applies one mutation. The outer error is the disk failing (fatal for
@@ -382,6 +370,17 @@ impl ChunkMachine {
             format!("from {source}: {last}"),
         ))
     }
+}
+
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old file or
+/// the new one: written to a temporary file, synced, renamed over, and the
+/// directory synced.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Creates a chunk, formatting a pool file first if the pool ran dry.

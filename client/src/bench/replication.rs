@@ -18,10 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use quiver_raft::chunk_client::ChunkClient;
 use quiver_raft::chunkserver::ChunkserverConfig;
-use quiver_raft::service::ServerStatus;
 
 use super::chunkstore::{Pattern, StoreBench, SyncPolicy};
 use super::fabric::FabricOptions;
@@ -118,31 +117,11 @@ fn start_servers(s: &Setup, dir: &Path) -> anyhow::Result<Servers> {
     Ok(servers)
 }
 
-async fn status_within(
-    client: &ChunkClient,
-    server: SocketAddr,
-    within: Duration,
-) -> anyhow::Result<ServerStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        match client.status(server).await {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => {
-                bail!("chunkserver {server} did not answer within {within:?}: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
 /// The members of copyset `c` (1-based): three servers in turn.
-fn members(nodes: &BTreeMap<u64, SocketAddr>, c: u32) -> BTreeMap<u64, String> {
+fn members(nodes: &BTreeMap<u64, SocketAddr>, c: u32) -> BTreeMap<u64, SocketAddr> {
     let all: Vec<(u64, SocketAddr)> = nodes.iter().map(|(&n, &a)| (n, a)).collect();
     (0..3.min(all.len()))
-        .map(|i| {
-            let (n, a) = all[(c as usize + i) % all.len()];
-            (n, a.to_string())
-        })
+        .map(|i| all[(c as usize + i) % all.len()])
         .collect()
 }
 
@@ -177,7 +156,10 @@ impl Cluster {
         let client = Arc::new(ChunkClient::start(s.fabric.worker_config(s.bs + 64))?);
         let mut transports = Vec::new();
         for &addr in &servers.addrs.clone() {
-            let st = status_within(&client, addr, Duration::from_secs(60)).await?;
+            let st = client
+                .status_within(addr, Duration::from_secs(60))
+                .await
+                .with_context(|| format!("chunkserver {addr} did not answer"))?;
             servers.nodes.insert(st.node, addr);
             transports.push(st.transport);
         }
@@ -188,17 +170,20 @@ impl Cluster {
         );
         for c in 1..=s.copysets {
             client
-                .create_copyset(c, &members(&servers.nodes, c))
+                .create_copyset(
+                    c,
+                    &members(&servers.nodes, c)
+                        .into_iter()
+                        .map(|(n, a)| (n, a.to_string()))
+                        .collect(),
+                )
                 .await
                 .with_context(|| format!("creating copyset {c}"))?;
         }
         let targets = (0..s.iodepth)
             .map(|k| {
                 let copyset = 1 + (k as u32 % s.copysets);
-                let peers = members(&servers.nodes, copyset)
-                    .values()
-                    .map(|a| a.parse().expect("ours"))
-                    .collect();
+                let peers = members(&servers.nodes, copyset).into_values().collect();
                 Arc::new(Target {
                     copyset,
                     chunk: 1 + (k as u64 / u64::from(s.copysets)),

@@ -144,14 +144,10 @@ pub async fn status_within(
     server: SocketAddr,
     within: Duration,
 ) -> ServerStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        match client.status(server).await {
-            Ok(s) => return s,
-            Err(e) => assert!(Instant::now() < deadline, "{server} did not answer: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    client
+        .status_within(server, within)
+        .await
+        .unwrap_or_else(|e| panic!("{server} did not answer: {e}"))
 }
 
 /// The leader of `copyset` among `servers` (by their own claims), once one claims it.

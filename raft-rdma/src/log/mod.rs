@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -854,32 +853,10 @@ fn next_request(rx: &mpsc::Receiver<Op>) -> Option<Op> {
     }
 }
 
-/// Opens a segment with O_DIRECT, or, on a filesystem without it (tmpfs
-/// before Linux 6.6, some FUSE mounts), through the page cache: durability
-/// still comes from the fdatasync after every batch.
+/// Opens a segment with O_DIRECT where the filesystem has it.
 fn open_segment(path: &Path, create: bool) -> Result<File, LogError> {
-    let open = |flags| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(create)
-            .custom_flags(flags)
-            .open(path)
-    };
-    match open(libc::O_DIRECT) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!(path = %path.display(), "no O_DIRECT on this filesystem; the log writes through the page cache");
-            });
-            if create {
-                // The failed attempt created the file.
-                let _ = std::fs::remove_file(path);
-            }
-            open(0).map_err(io_error("opening", path))
-        }
-        other => other.map_err(io_error("opening", path)),
-    }
+    quiver_chunkstore::uring::open_direct(path, create, "the Raft log")
+        .map_err(io_error("opening", path))
 }
 
 /// Creates a segment of `bytes` bytes (allocated up front) and makes its
