@@ -1,6 +1,7 @@
 //! `quiver`: the one command-line tool of Quiver.
 
 mod bench;
+mod cluster_cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,7 +44,27 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Operate chunkservers directly (until the control plane does it).
+    /// Run a control node (the MDS): topology, volumes, scheduling.
+    Control {
+        /// TOML configuration (listen, data_dir, token, store, pools; see ARCHITECTURE.md).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Cluster health, like `ceph -s`.
+    Status {
+        #[command(flatten)]
+        control: cluster_cli::ControlArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Volumes: create, list, stat, extend, rename, delete.
+    Volume {
+        #[command(flatten)]
+        control: cluster_cli::ControlArgs,
+        #[command(subcommand)]
+        what: cluster_cli::VolumeCommand,
+    },
+    /// Operate chunkservers directly, without the control plane.
     Admin {
         #[command(subcommand)]
         what: AdminCommand,
@@ -364,6 +385,9 @@ fn main() -> anyhow::Result<()> {
         } => fabric_devices(),
         Command::Chunkserver { config } => chunkserver(&config),
         Command::Admin { what } => admin(what),
+        Command::Control { config } => cluster_cli::run_control(&config),
+        Command::Status { control, json } => cluster_cli::status(&control, json),
+        Command::Volume { control, what } => cluster_cli::volume(&control, what),
     }
 }
 

@@ -38,7 +38,7 @@ async fn write_stream(
     for i in first..first + count {
         let (chunk, offset) = location(i);
         client
-            .write(&addrs, COPYSET, chunk, offset, &page_of(i, PAGE))
+            .write(&addrs, COPYSET, chunk, offset, 0, &page_of(i, PAGE))
             .await
             .unwrap_or_else(|e| panic!("write {i}: {e}"));
         acked.lock().unwrap().insert((chunk, offset), i);
@@ -264,14 +264,16 @@ async fn bad_requests_get_typed_errors() {
         }
     );
     let e = refused(unit(
-        client.write(&addrs, COPYSET, 1, 100, &[1; PAGE]).await,
+        client.write(&addrs, COPYSET, 1, 100, 0, &[1; PAGE]).await,
     ));
     assert!(
         matches!(e, ChunkError::Unaligned { offset: 100, .. }),
         "{e}"
     );
     let e = refused(unit(
-        client.write(&addrs, COPYSET, 1, 16 << 20, &[1; PAGE]).await,
+        client
+            .write(&addrs, COPYSET, 1, 16 << 20, 0, &[1; PAGE])
+            .await,
     ));
     assert!(matches!(e, ChunkError::OutOfRange { .. }), "{e}");
     let e = refused(client.read(&addrs, COPYSET, 1, 0, 4 << 20).await);
@@ -296,7 +298,7 @@ async fn bad_requests_get_typed_errors() {
     let leader = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
     let follower = servers.iter().find(|s| s.node != leader).unwrap();
     let leader_addr = servers.iter().find(|s| s.node == leader).unwrap().addr;
-    let body = service::write_body(1, 0, 0, &[1; PAGE]);
+    let body = service::write_body(1, 0, 0, 0, &[1; PAGE]);
     let e = refused(
         client
             .call(follower.addr, COPYSET, service::KIND_WRITE, body)
@@ -334,7 +336,7 @@ async fn bad_requests_get_typed_errors() {
         .unwrap();
     // After all that, the servers still serve.
     client
-        .write(&addrs, COPYSET, 1, 0, &page_of(1, PAGE))
+        .write(&addrs, COPYSET, 1, 0, 0, &page_of(1, PAGE))
         .await
         .unwrap();
     let data = client

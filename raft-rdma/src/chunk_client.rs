@@ -202,9 +202,10 @@ impl ChunkClient {
         copyset: u32,
         chunk: u64,
         offset: u64,
+        epoch: u64,
         data: &[u8],
     ) -> Result<(), ClientError> {
-        let body = service::write_body(chunk, offset, 0, data);
+        let body = service::write_body(chunk, offset, 0, epoch, data);
         self.to_leader(peers, copyset, KIND_WRITE, body, self.call_timeout)
             .await
             .map(|_| ())

@@ -27,6 +27,8 @@ use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 use quiver_fabric::{TransportChoice, WorkerConfig};
 use serde::{Deserialize, Serialize};
 
+mod heartbeat;
+
 use crate::chunk_client::{call_chunk_service, ClientError};
 use crate::log::{LogConfig, LogEngine};
 use crate::machine::{chunk_error, write_atomically, ChunkMachine, Disk};
@@ -119,6 +121,26 @@ pub struct ChunkserverConfig {
     pub spin_us: u64,
     #[serde(default)]
     pub raft: RaftTuning,
+    /// Control plane endpoints (`host:port`, any of the control nodes).
+    /// Empty: no control plane; copysets come from this file or `quiver
+    /// admin`.
+    #[serde(default)]
+    pub control: Vec<String>,
+    /// The control plane's shared token.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Failure domain (default `zone-NODE_ID`: every server its own zone).
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// The machine, as the control plane shows it (default: the hostname).
+    #[serde(default)]
+    pub server: Option<String>,
+    /// Physical pool.
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// Milliseconds between heartbeats to the control plane.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
     /// Copysets to host from the start (created if missing).
     #[serde(default)]
     pub copysets: Vec<StaticCopyset>,
@@ -126,6 +148,14 @@ pub struct ChunkserverConfig {
 
 fn default_transport() -> String {
     "auto".into()
+}
+
+fn default_pool() -> String {
+    "default".into()
+}
+
+fn default_heartbeat_ms() -> u64 {
+    2000
 }
 
 fn default_pool_files() -> usize {
@@ -162,6 +192,12 @@ impl ChunkserverConfig {
             arena_mib: default_arena_mib(),
             spin_us: 0,
             raft: RaftTuning::default(),
+            control: Vec::new(),
+            token: None,
+            zone: None,
+            server: None,
+            pool: default_pool(),
+            heartbeat_ms: default_heartbeat_ms(),
             copysets: Vec::new(),
         }
     }
@@ -185,6 +221,15 @@ impl ChunkserverConfig {
             other => anyhow::bail!("transport {other:?}: expected auto, tcp or verbs"),
         })
     }
+}
+
+/// Which life of a copyset on this server (a file in its directory).
+const INCARNATION_FILE: &str = "incarnation";
+
+/// The log engine's group of a copyset's life here: the copyset id, and
+/// above it the incarnation (Raft between servers uses the copyset id).
+fn log_group(copyset: u32, incarnation: u32) -> u64 {
+    u64::from(copyset) | (u64::from(incarnation) << 32)
 }
 
 struct Copyset {
@@ -352,6 +397,10 @@ impl Chunkserver {
         let serving = server.clone();
         tokio::spawn(async move { serving.serve(rx).await });
         tokio::spawn(keep_pool_filled(Arc::downgrade(&server.0)));
+        if !config.control.is_empty() {
+            let reporter = heartbeat::Reporter::new(&server)?;
+            tokio::spawn(reporter.run(Arc::downgrade(&server.0)));
+        }
         tracing::info!(
             node = config.node_id,
             addr = %server.0.addr,
@@ -787,16 +836,86 @@ impl Chunkserver {
         }
         let dir = self.copyset_dir(id);
         let bytes = serde_json::to_vec(&spec).expect("serializes");
+        // A copyset hosted here before and removed: this life's log must
+        // not meet that one's entries or votes.
+        let removed = self.removed_dir(id);
+        let incarnation = std::fs::read_to_string(removed.join(INCARNATION_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .map_or(0, |n| n + 1);
         std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                write_atomically(&dir, INCARNATION_FILE, incarnation.to_string().as_bytes())
+            })
             .and_then(|()| write_atomically(&dir, "spec.json", &bytes))
+            .and_then(|()| match std::fs::remove_dir_all(&removed) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            })
             .map_err(|e| ChunkError::Storage(format!("{}: {e}", dir.display())))?;
         self.open_copyset(id, spec)
             .await
             .map_err(|e| ChunkError::Raft(format!("{e:#}")))
     }
 
+    /// Stops hosting copyset `id` (this server is no longer a member): its
+    /// Raft stops, its chunks go back to the pool, its log entries are
+    /// purged, and its directory is kept aside only to number the next
+    /// incarnation should it come back.
+    pub async fn remove_copyset(&self, id: u32) -> Result<(), ChunkError> {
+        let _one_at_a_time = self.0.creating.lock().await;
+        let removed = self.0.copysets.lock().expect("copysets lock").remove(&id);
+        let Some(c) = removed else {
+            return Err(ChunkError::NoSuchCopyset(id));
+        };
+        self.0
+            .groups
+            .write()
+            .expect("groups lock")
+            .remove(&u64::from(id));
+        if let Err(e) = c.raft.shutdown().await {
+            tracing::warn!(copyset = id, error = %e, "stopping Raft");
+        }
+        let storage = |what: &str, e: &dyn std::fmt::Display| {
+            ChunkError::Storage(format!("removing copyset {id}: {what}: {e}"))
+        };
+        for key in c.machine.chunks() {
+            self.0
+                .disk
+                .store()
+                .delete(key)
+                .map_err(|e| storage("deleting a chunk", &e))?;
+        }
+        let group = log_group(id, self.incarnation(id));
+        if let Some(last) = self.0.engine.state(group).last {
+            crate::log::wait_durable(|done| self.0.engine.purge(group, last, done))
+                .map_err(|e| storage("purging its log", &e))?;
+        }
+        let removed = self.removed_dir(id);
+        let _ = std::fs::remove_dir_all(&removed);
+        std::fs::rename(self.copyset_dir(id), &removed)
+            .map_err(|e| storage("moving its directory aside", &e))?;
+        tracing::info!(copyset = id, "copyset removed from this server");
+        Ok(())
+    }
+
     fn copyset_dir(&self, id: u32) -> PathBuf {
         self.0.config.data_dir.join("copysets").join(id.to_string())
+    }
+
+    fn removed_dir(&self, id: u32) -> PathBuf {
+        self.0
+            .config
+            .data_dir
+            .join("copysets")
+            .join(format!("removed-{id}"))
+    }
+
+    fn incarnation(&self, id: u32) -> u32 {
+        std::fs::read_to_string(self.copyset_dir(id).join(INCARNATION_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     async fn open_copyset(&self, id: u32, spec: CopysetSpec) -> anyhow::Result<()> {
@@ -812,7 +931,10 @@ impl Chunkserver {
             self.0.config.node_id,
             Arc::clone(&self.0.raft_config),
             Network::new(Arc::clone(&self.0.fabric), group),
-            LogStore::new(Arc::clone(&self.0.engine), group),
+            LogStore::new(
+                Arc::clone(&self.0.engine),
+                log_group(id, self.incarnation(id)),
+            ),
             machine.clone(),
         )
         .await
@@ -868,6 +990,8 @@ impl Chunkserver {
                     last_log: m.last_log_index,
                     snapshot: c.machine.snapshot_index(),
                     voters: m.membership_config.membership().voter_ids().collect(),
+                    learners: m.membership_config.membership().learner_ids().collect(),
+                    epoch: m.membership_config.log_id().map_or(0, |l| l.index + 1),
                     chunks: c.machine.chunks().len(),
                 }
             })

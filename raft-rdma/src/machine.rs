@@ -129,6 +129,9 @@ pub struct SnapshotData {
     pub source: String,
     /// (chunk id, sequence number) of every chunk of the copyset.
     pub chunks: Vec<(u64, u64)>,
+    /// Chunk id → the newest writer epoch applied to it (fencing).
+    #[serde(default)]
+    pub epochs: BTreeMap<u64, u64>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -143,6 +146,11 @@ struct State {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     snapshot: Option<StoredSnapshot>,
+    /// Chunk id → newest writer epoch applied, as of `last_applied`: kept
+    /// with it under one lock, so a snapshot's epochs match its index and
+    /// replay after a restart decides every write as the first time.
+    #[serde(default)]
+    epochs: BTreeMap<u64, u64>,
 }
 
 struct Shared {
@@ -235,6 +243,31 @@ impl ChunkMachine {
             .map_err(|e| storage_error("saving the copyset state", e))
     }
 
+    /// Fencing: refuses a write whose epoch is older than the newest the
+    /// chunk applied; otherwise says how the chunk's epoch changes if the
+    /// mutation succeeds. Decided from replicated state only, so every
+    /// replica (and a replay) decides alike.
+    fn check_epoch(&self, m: &Mutation<'_>) -> Result<Option<(u64, Option<u64>)>, ChunkError> {
+        match *m {
+            Mutation::Write { chunk, epoch, .. } => {
+                let current = self.state().epochs.get(&chunk).copied().unwrap_or(0);
+                if epoch == 0 {
+                    Ok(None)
+                } else if epoch < current {
+                    Err(ChunkError::StaleEpoch {
+                        copyset: self.0.copyset,
+                        chunk,
+                        epoch,
+                        current,
+                    })
+                } else {
+                    Ok((epoch > current).then_some((chunk, Some(epoch))))
+                }
+            }
+            Mutation::Delete { chunk } => Ok(Some((chunk, None))),
+        }
+    }
+
     /// Applies one mutation. The outer error is the disk failing (fatal for
     /// this copyset on this server); the inner one is the request's answer.
     fn apply_mutation(
@@ -249,6 +282,7 @@ impl ChunkMachine {
                 offset,
                 sn,
                 data,
+                ..
             } => {
                 let key = ChunkKey { copyset, chunk };
                 if !store.contains(key) {
@@ -398,9 +432,13 @@ fn create(store: &mut ChunkStore, key: ChunkKey, sn: u64) -> Result<(), StoreErr
 impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
         let _one_at_a_time = self.0.snapshotting.lock().await;
-        let (last_applied, membership) = {
+        let (last_applied, membership, epochs) = {
             let state = self.state();
-            (state.last_applied, state.membership.clone())
+            (
+                state.last_applied,
+                state.membership.clone(),
+                state.epochs.clone(),
+            )
         };
         // Everything applied up to `last_applied` (and maybe more) is made
         // durable before the log that holds it may go; a write that failed
@@ -423,6 +461,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
         let data = serde_json::to_vec(&SnapshotData {
             source: self.0.self_addr.clone(),
             chunks,
+            epochs: epochs.clone(),
         })
         .expect("snapshot data serializes");
         let meta = SnapshotMeta {
@@ -445,6 +484,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
                 last_applied,
                 membership,
                 snapshot: Some(stored.clone()),
+                epochs,
             };
             self.persist(&to_save)?;
             self.state().snapshot = Some(stored);
@@ -475,6 +515,9 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
         let mut answers = Vec::new();
         let mut store = self.0.disk.store();
         for entry in entries {
+            // (chunk, its new epoch or None once deleted), when this entry
+            // changes it.
+            let mut epoch_update: Option<(u64, Option<u64>)> = None;
             let answer = match &entry.payload {
                 EntryPayload::Blank => Ok(()),
                 EntryPayload::Membership(m) => {
@@ -483,15 +526,35 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
                 }
                 EntryPayload::Normal(request) => match request.0.split_first() {
                     Some((&kind, body)) => match service::decode_mutation(kind, body) {
-                        Ok(m) => self
-                            .apply_mutation(&mut store, m)
-                            .map_err(|e| storage_error("applying a write", e))?,
+                        Ok(m) => match self.check_epoch(&m) {
+                            Err(stale) => Err(stale),
+                            Ok(raised) => {
+                                let answer = self
+                                    .apply_mutation(&mut store, m)
+                                    .map_err(|e| storage_error("applying a write", e))?;
+                                if answer.is_ok() {
+                                    epoch_update = raised;
+                                }
+                                answer
+                            }
+                        },
                         Err(e) => Err(e),
                     },
                     None => Err(ChunkError::BadRequest("an empty log entry".into())),
                 },
             };
-            self.state().last_applied = Some(entry.log_id);
+            let mut state = self.state();
+            state.last_applied = Some(entry.log_id);
+            match epoch_update.take() {
+                Some((chunk, Some(epoch))) => {
+                    state.epochs.insert(chunk, epoch);
+                }
+                Some((chunk, None)) => {
+                    state.epochs.remove(&chunk);
+                }
+                None => {}
+            }
+            drop(state);
             answers.push(Response(match answer {
                 Ok(()) => vec![service::STATUS_OK],
                 Err(e) => {
@@ -566,6 +629,7 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
         let data = serde_json::to_vec(&SnapshotData {
             source: self.0.self_addr.clone(),
             chunks: parsed.chunks,
+            epochs: parsed.epochs.clone(),
         })
         .expect("snapshot data serializes");
         let stored = StoredSnapshot {
@@ -576,6 +640,7 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             snapshot: Some(stored),
+            epochs: parsed.epochs,
         };
         self.persist(&state)?;
         *self.state() = state;

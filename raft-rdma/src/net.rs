@@ -299,6 +299,11 @@ impl FabricNode {
         rx.await.ok().flatten()
     }
 
+    /// Whether [`FabricNode::shutdown`] ran.
+    pub fn is_shut_down(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
     /// Stops the fabric thread: its connections close and calls fail.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);

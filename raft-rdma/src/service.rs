@@ -56,6 +56,14 @@ pub enum ChunkError {
     Storage(String),
     #[error("raft: {0}")]
     Raft(String),
+    /// A volume writer that lost its lease: a newer writer has written.
+    #[error("chunk {copyset}/{chunk}: write epoch {epoch} is stale (epoch {current} has written)")]
+    StaleEpoch {
+        copyset: u32,
+        chunk: u64,
+        epoch: u64,
+        current: u64,
+    },
     /// The server has this many requests in service already: retry later.
     #[error("busy: {0} requests in service")]
     Busy(usize),
@@ -68,6 +76,9 @@ pub enum Mutation<'a> {
         chunk: u64,
         offset: u64,
         sn: u64,
+        /// The writer's fencing epoch: a chunk refuses writes older than
+        /// the newest it applied (0: not fenced).
+        epoch: u64,
         data: &'a [u8],
     },
     Delete {
@@ -143,6 +154,12 @@ pub struct CopysetStatus {
     pub last_log: Option<u64>,
     pub snapshot: Option<u64>,
     pub voters: Vec<u64>,
+    /// Members still catching up (not voting yet).
+    #[serde(default)]
+    pub learners: Vec<u64>,
+    /// The membership in force: its log index + 1 (0: none yet).
+    #[serde(default)]
+    pub epoch: u64,
     pub chunks: usize,
 }
 
@@ -174,12 +191,18 @@ pub fn check_io(offset: u64, len: u64) -> Result<(), ChunkError> {
     Ok(())
 }
 
+/// Bytes in front of a write's data: chunk, offset, sequence, epoch.
+const WRITE_PREFIX: usize = 32;
+
 /// Encodes a write's body (the header carries the kind and copyset).
-pub fn write_body(chunk: u64, offset: u64, sn: u64, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24 + data.len());
+/// `epoch` is the volume writer's fencing epoch (0: a raw chunk write, not
+/// fenced).
+pub fn write_body(chunk: u64, offset: u64, sn: u64, epoch: u64, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(WRITE_PREFIX + data.len());
     out.extend_from_slice(&chunk.to_le_bytes());
     out.extend_from_slice(&offset.to_le_bytes());
     out.extend_from_slice(&sn.to_le_bytes());
+    out.extend_from_slice(&epoch.to_le_bytes());
     out.extend_from_slice(data);
     out
 }
@@ -252,17 +275,19 @@ pub fn decode_mutation(kind: u8, body: &[u8]) -> Result<Mutation<'_>, ChunkError
     let short = || ChunkError::BadRequest(format!("request kind {kind}: body too short"));
     match kind {
         KIND_WRITE => {
-            let (chunk, offset, sn) = (
+            let (chunk, offset, sn, epoch) = (
                 u64_at(body, 0).ok_or_else(short)?,
                 u64_at(body, 8).ok_or_else(short)?,
                 u64_at(body, 16).ok_or_else(short)?,
+                u64_at(body, 24).ok_or_else(short)?,
             );
-            let data = &body[24..];
+            let data = &body[WRITE_PREFIX..];
             check_io(offset, data.len() as u64)?;
             Ok(Mutation::Write {
                 chunk,
                 offset,
                 sn,
+                epoch,
                 data,
             })
         }
@@ -304,20 +329,21 @@ mod tests {
     #[test]
     fn a_write_round_trips_and_keeps_its_data_in_place() {
         let data = vec![7u8; 8192];
-        let body = write_body(9, 4096, 0, &data);
+        let body = write_body(9, 4096, 0, 7, &data);
         let Request::Mutate(Mutation::Write {
             chunk,
             offset,
             sn,
+            epoch,
             data: d,
         }) = decode_request(KIND_WRITE, &body).unwrap()
         else {
             panic!("not a write")
         };
-        assert_eq!((chunk, offset, sn, d), (9, 4096, 0, &data[..]));
+        assert_eq!((chunk, offset, sn, epoch, d), (9, 4096, 0, 7, &data[..]));
         // In the log, a sequence number decodes; from a client it is refused
         // until chunk snapshots replicate.
-        let body = write_body(9, 4096, 2, &data);
+        let body = write_body(9, 4096, 2, 0, &data);
         assert!(matches!(
             decode_mutation(KIND_WRITE, &body),
             Ok(Mutation::Write { sn: 2, .. })
@@ -330,7 +356,7 @@ mod tests {
 
     #[test]
     fn bad_ranges_and_short_bodies_are_typed_errors() {
-        let unaligned = write_body(1, 100, 0, &[0; 4096]);
+        let unaligned = write_body(1, 100, 0, 0, &[0; 4096]);
         assert_eq!(
             decode_request(KIND_WRITE, &unaligned),
             Err(ChunkError::Unaligned {
@@ -338,12 +364,12 @@ mod tests {
                 len: 4096
             })
         );
-        let outside = write_body(1, CHUNK_BYTES - 4096, 0, &[0; 8192]);
+        let outside = write_body(1, CHUNK_BYTES - 4096, 0, 0, &[0; 8192]);
         assert!(matches!(
             decode_request(KIND_WRITE, &outside),
             Err(ChunkError::OutOfRange { .. })
         ));
-        let empty = write_body(1, 0, 0, &[]);
+        let empty = write_body(1, 0, 0, 0, &[]);
         assert!(matches!(
             decode_request(KIND_WRITE, &empty),
             Err(ChunkError::OutOfRange { .. })

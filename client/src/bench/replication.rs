@@ -226,7 +226,14 @@ impl Cluster {
                 for _ in 0..warmup {
                     let offset = next_offset(&mut rng);
                     client
-                        .write(&target.peers, target.copyset, target.chunk, offset, &data)
+                        .write(
+                            &target.peers,
+                            target.copyset,
+                            target.chunk,
+                            offset,
+                            0,
+                            &data,
+                        )
                         .await?;
                 }
                 let end = Instant::now() + duration;
@@ -234,7 +241,14 @@ impl Cluster {
                     let offset = next_offset(&mut rng);
                     let sent = Instant::now();
                     client
-                        .write(&target.peers, target.copyset, target.chunk, offset, &data)
+                        .write(
+                            &target.peers,
+                            target.copyset,
+                            target.chunk,
+                            offset,
+                            0,
+                            &data,
+                        )
                         .await?;
                     times.push((sent, Instant::now()));
                 }

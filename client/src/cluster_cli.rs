@@ -1,0 +1,461 @@
+//! The control plane from the command line: `quiver control`, `quiver
+//! status`, `quiver volume ...`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use quiver_control::proto;
+use quiver_control::{ControlClient, ControlConfig, DEFAULT_CONTROL_ADDR};
+
+/// Where the control plane is and how to prove we may talk to it.
+#[derive(Args, Clone)]
+pub struct ControlArgs {
+    /// Control node addresses, comma separated (any of them will do).
+    #[arg(long, env = "QUIVER_CONTROL", value_delimiter = ',', default_value = DEFAULT_CONTROL_ADDR, global = true)]
+    pub control: Vec<String>,
+    /// The cluster's token (else --token-file, else ./playground-data/token).
+    #[arg(long, env = "QUIVER_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    #[arg(long, env = "QUIVER_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Where the playground keeps its token: commands run beside it find it.
+pub const PLAYGROUND_TOKEN: &str = "playground-data/token";
+
+impl ControlArgs {
+    pub fn token(&self) -> anyhow::Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let path = self
+            .token_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(PLAYGROUND_TOKEN));
+        let token = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no token: pass --token or QUIVER_TOKEN, or --token-file ({} not readable)",
+                path.display()
+            )
+        })?;
+        Ok(token.trim().to_owned())
+    }
+
+    /// A client (inside a runtime: it connects lazily).
+    pub fn client(&self) -> anyhow::Result<ControlClient> {
+        Ok(ControlClient::new(&self.control, &self.token()?)?)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (its size a multiple of the segment size, 1 GiB).
+    Create {
+        name: String,
+        /// Bytes, or with a unit: 10G, 512M, 1T.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value = "")]
+        owner: String,
+        /// Logical pool (default: the first).
+        #[arg(long, default_value = "")]
+        pool: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List volumes.
+    List {
+        /// Include the recycle bin.
+        #[arg(long)]
+        recycled: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume.
+    Stat {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a volume.
+    Extend {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    Rename {
+        name: String,
+        new_name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a volume into the recycle bin (purged after the retention time).
+    Delete {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `10G`, `512M`, `4096`, `1T`, `64K` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (use K, M, G, T or P)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
+/// Bytes in binary units for people.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// `quiver control --config FILE`.
+pub fn run_control(path: &Path) -> anyhow::Result<()> {
+    use quiver_control::config::StoreConfig;
+    use quiver_control::store::{EmbeddedStore, EtcdStore, LeaderRecord};
+    let config = ControlConfig::load(path)?;
+    crate::runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let me = LeaderRecord {
+            name: config.name.clone(),
+            addr: config.advertised(),
+        };
+        eprintln!(
+            "quiver control: {} serving on {} ({} store)",
+            config.name,
+            config.listen,
+            match &config.store {
+                StoreConfig::Embedded => "embedded",
+                StoreConfig::Etcd(_) => "etcd",
+            }
+        );
+        let stop = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        match config.store.clone() {
+            StoreConfig::Embedded => {
+                let store = EmbeddedStore::open(&config.data_dir, me)?;
+                quiver_control::ControlNode::new(config, store)
+                    .run(listener, stop)
+                    .await
+            }
+            StoreConfig::Etcd(etcd) => {
+                let store = EtcdStore::connect(etcd, me).await?;
+                quiver_control::ControlNode::new(config, store)
+                    .run(listener, stop)
+                    .await
+            }
+        }
+    })
+}
+
+/// `quiver status`.
+pub fn status(control: &ControlArgs, json: bool) -> anyhow::Result<()> {
+    let s = crate::runtime()?.block_on(async {
+        let client = control.client()?;
+        anyhow::Ok(
+            client
+                .call(
+                    "status",
+                    |mut c| async move { c.status(proto::Empty {}).await },
+                )
+                .await?,
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+        return Ok(());
+    }
+    let up = s.chunkservers.iter().filter(|c| c.online).count();
+    let zones: std::collections::BTreeSet<&str> =
+        s.chunkservers.iter().map(|c| c.zone.as_str()).collect();
+    println!("  cluster:");
+    println!("    health:  {}", s.health);
+    for note in &s.notes {
+        println!("             {note}");
+    }
+    println!(
+        "    control: {} at {} ({} store)",
+        s.leader_name, s.leader_addr, s.store
+    );
+    println!(
+        "    chunkservers: {up} up, {} down, in {} zones",
+        s.chunkservers.len() - up,
+        zones.len()
+    );
+    println!(
+        "    copysets: {} healthy, {} degraded, {} unavailable",
+        s.copysets_healthy, s.copysets_degraded, s.copysets_unavailable
+    );
+    println!(
+        "    volumes:  {}, {} allocated",
+        s.volumes,
+        human(s.allocated_bytes)
+    );
+    println!(
+        "    disks:    {} used of {}",
+        human(s.used_bytes),
+        human(s.capacity_bytes)
+    );
+    if !s.operations.is_empty() {
+        println!("  operations:");
+        for op in &s.operations {
+            println!("    {op}");
+        }
+    }
+    println!("  chunkservers:");
+    println!(
+        "    {:>4}  {:<21}  {:<10}  {:<5}  {:>8}  {:>7}  {:>10}",
+        "id", "address", "zone", "state", "copysets", "leaders", "last seen"
+    );
+    for c in &s.chunkservers {
+        let seen = if c.last_seen_ms == u64::MAX {
+            "never".to_string()
+        } else {
+            format!("{:.1} s ago", c.last_seen_ms as f64 / 1000.0)
+        };
+        println!(
+            "    {:>4}  {:<21}  {:<10}  {:<5}  {:>8}  {:>7}  {:>10}",
+            c.id,
+            c.addr,
+            c.zone,
+            if c.online { "up" } else { "down" },
+            c.copysets,
+            c.leaders,
+            seen
+        );
+    }
+    Ok(())
+}
+
+fn status_json(s: &proto::ClusterStatus) -> serde_json::Value {
+    serde_json::json!({
+        "health": s.health,
+        "notes": s.notes,
+        "control": {"leader": s.leader_name, "addr": s.leader_addr, "store": s.store},
+        "chunkservers": s.chunkservers.iter().map(|c| serde_json::json!({
+            "id": c.id, "addr": c.addr, "zone": c.zone, "server": c.server, "pool": c.pool,
+            "online": c.online, "capacity_bytes": c.capacity_bytes, "used_bytes": c.used_bytes,
+            "copysets": c.copysets, "leaders": c.leaders,
+            "last_seen_ms": (c.last_seen_ms != u64::MAX).then_some(c.last_seen_ms),
+        })).collect::<Vec<_>>(),
+        "copysets": {"healthy": s.copysets_healthy, "degraded": s.copysets_degraded, "unavailable": s.copysets_unavailable},
+        "volumes": s.volumes,
+        "capacity_bytes": s.capacity_bytes,
+        "used_bytes": s.used_bytes,
+        "allocated_bytes": s.allocated_bytes,
+        "operations": s.operations,
+    })
+}
+
+fn volume_json(v: &proto::Volume) -> serde_json::Value {
+    serde_json::json!({
+        "id": v.id, "name": v.name, "size": v.size, "owner": v.owner, "pool": v.pool,
+        "segment_size": v.segment_size, "chunk_size": v.chunk_size,
+        "created_unix_ms": v.created_unix_ms, "epoch": v.epoch,
+        "writer": (!v.writer.is_empty()).then_some(&v.writer),
+        "lease_ms_left": v.lease_ms_left, "segments_allocated": v.segments_allocated,
+        "deleted_unix_ms": (v.deleted_unix_ms != 0).then_some(v.deleted_unix_ms),
+    })
+}
+
+fn print_volume(v: &proto::Volume, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&volume_json(v))?);
+        return Ok(());
+    }
+    println!("name:      {}", v.name);
+    println!("id:        {}", v.id);
+    println!("size:      {} ({} bytes)", human(v.size), v.size);
+    println!("owner:     {}", v.owner);
+    println!("pool:      {}", v.pool);
+    println!(
+        "allocated: {} of {} segments ({} each)",
+        v.segments_allocated,
+        v.size / v.segment_size.max(1),
+        human(v.segment_size)
+    );
+    if v.writer.is_empty() {
+        println!("writer:    none (epoch {})", v.epoch);
+    } else {
+        println!(
+            "writer:    {} (epoch {}, lease {} ms more)",
+            v.writer, v.epoch, v.lease_ms_left
+        );
+    }
+    if v.deleted_unix_ms != 0 {
+        println!("deleted:   in the recycle bin");
+    }
+    Ok(())
+}
+
+/// `quiver volume ...`.
+pub fn volume(control: &ControlArgs, what: VolumeCommand) -> anyhow::Result<()> {
+    crate::runtime()?.block_on(async move {
+        let client = control.client()?;
+        match what {
+            VolumeCommand::Create {
+                name,
+                size,
+                owner,
+                pool,
+                json,
+            } => {
+                let request = proto::CreateVolumeRequest {
+                    name,
+                    size,
+                    owner,
+                    pool,
+                };
+                let v = client
+                    .call("creating the volume", |mut c| {
+                        let r = request.clone();
+                        async move { c.create_volume(r).await }
+                    })
+                    .await?;
+                print_volume(&v, json)
+            }
+            VolumeCommand::List { recycled, json } => {
+                let list = client
+                    .call("listing volumes", |mut c| async move {
+                        c.list_volumes(proto::ListVolumesRequest { recycled }).await
+                    })
+                    .await?;
+                if json {
+                    let all: Vec<_> = list.volumes.iter().map(volume_json).collect();
+                    println!("{}", serde_json::to_string_pretty(&all)?);
+                } else {
+                    println!(
+                        "{:<24}  {:>10}  {:>9}  {:<12}  state",
+                        "name", "size", "allocated", "owner"
+                    );
+                    for v in &list.volumes {
+                        let state = if v.deleted_unix_ms != 0 {
+                            "recycled".to_string()
+                        } else if v.writer.is_empty() {
+                            "closed".to_string()
+                        } else {
+                            format!("open by {}", v.writer)
+                        };
+                        println!(
+                            "{:<24}  {:>10}  {:>9}  {:<12}  {state}",
+                            v.name,
+                            human(v.size),
+                            human(v.segments_allocated * v.segment_size),
+                            v.owner
+                        );
+                    }
+                }
+                Ok(())
+            }
+            VolumeCommand::Stat { name, json } => {
+                let v = client
+                    .call("stat", |mut c| {
+                        let name = name.clone();
+                        async move { c.stat_volume(proto::VolumeRef { name }).await }
+                    })
+                    .await?;
+                print_volume(&v, json)
+            }
+            VolumeCommand::Extend { name, size, json } => {
+                let v = client
+                    .call("extending the volume", |mut c| {
+                        let name = name.clone();
+                        async move {
+                            c.extend_volume(proto::ExtendVolumeRequest {
+                                name,
+                                new_size: size,
+                            })
+                            .await
+                        }
+                    })
+                    .await?;
+                print_volume(&v, json)
+            }
+            VolumeCommand::Rename {
+                name,
+                new_name,
+                json,
+            } => {
+                let v = client
+                    .call("renaming the volume", |mut c| {
+                        let r = proto::RenameVolumeRequest {
+                            name: name.clone(),
+                            new_name: new_name.clone(),
+                        };
+                        async move { c.rename_volume(r).await }
+                    })
+                    .await?;
+                print_volume(&v, json)
+            }
+            VolumeCommand::Delete { name, json } => {
+                let v = client
+                    .call("deleting the volume", |mut c| {
+                        let name = name.clone();
+                        async move { c.delete_volume(proto::VolumeRef { name }).await }
+                    })
+                    .await?;
+                if json {
+                    print_volume(&v, true)
+                } else {
+                    println!("volume {} moved to the recycle bin", v.name);
+                    Ok(())
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999P").is_err());
+        assert_eq!(human(3 << 30), "3.0 GiB");
+    }
+}
