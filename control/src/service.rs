@@ -463,24 +463,31 @@ impl<S: MetaStore> ControlNode<S> {
         let model = &state.model;
         state.pending.retain(|copyset, p| {
             let record = model.copysets.get(copyset);
-            let (done, timeout) = match p.planned.operation {
+            let (done, timeout, target) = match p.planned.operation {
                 Operation::ChangePeers { add, remove, .. } => (
                     record.is_some_and(|r| r.peers.contains(&add) && !r.peers.contains(&remove)),
                     CHANGE_PEERS_TIMEOUT,
+                    add,
                 ),
                 Operation::TransferLeader { to, .. } => {
-                    (leaders.get(copyset) == Some(&to), TRANSFER_TIMEOUT)
+                    (leaders.get(copyset) == Some(&to), TRANSFER_TIMEOUT, to)
                 }
             };
+            let target_lost = !online.contains(&target);
             if done {
                 info!("scheduler: done: copyset {copyset}: {}", p.planned.reason);
+            } else if target_lost {
+                warn!(
+                    "scheduler: gave up, chunkserver {target} went offline: copyset {copyset}: {}",
+                    p.planned.reason
+                );
             } else if p.started.elapsed() > timeout {
                 warn!(
                     "scheduler: gave up after {:?}: copyset {copyset}: {}",
                     timeout, p.planned.reason
                 );
             }
-            !done && p.started.elapsed() <= timeout
+            !done && !target_lost && p.started.elapsed() <= timeout
         });
 
         // Start new operations. Nothing moves during the first offline

@@ -74,6 +74,9 @@ pub struct Tuning {
     pub snapshot_every: u64,
     pub log_keep: u64,
     pub pool_files: usize,
+    /// Control plane endpoints and token (none: no control plane).
+    pub control: Vec<String>,
+    pub token: Option<String>,
 }
 
 impl Default for Tuning {
@@ -82,6 +85,8 @@ impl Default for Tuning {
             snapshot_every: 20_000,
             log_keep: 1_000,
             pool_files: 4,
+            control: Vec::new(),
+            token: None,
         }
     }
 }
@@ -101,34 +106,124 @@ fn free_port() -> SocketAddr {
 /// Writes each server's configuration and starts it.
 pub fn start_servers(root: &Path, count: u64, tuning: &Tuning) -> Vec<Server> {
     (1..=count)
-        .map(|node| {
-            let addr = free_port();
-            let dir = root.join(format!("node{node}"));
-            let config = root.join(format!("node{node}.toml"));
-            let mut cs = ChunkserverConfig::new(node, addr, dir.clone());
-            cs.transport = transport();
-            cs.pool_files = tuning.pool_files;
-            cs.log_segment_mib = 8;
-            cs.arena_mib = 16;
-            cs.raft = RaftTuning {
-                heartbeat_ms: 100,
-                election_timeout_min_ms: ELECTION_TIMEOUT_MAX_MS / 2,
-                election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS,
-                snapshot_every: tuning.snapshot_every,
-                log_keep: tuning.log_keep,
-            };
-            std::fs::write(&config, cs.to_toml()).unwrap();
-            let mut s = Server {
-                node,
-                addr,
-                dir,
-                config,
-                child: None,
-            };
-            s.start();
-            s
-        })
+        .map(|node| start_server(root, node, tuning))
         .collect()
+}
+
+/// Writes chunkserver `node`'s configuration and starts it.
+pub fn start_server(root: &Path, node: u64, tuning: &Tuning) -> Server {
+    let addr = free_port();
+    let dir = root.join(format!("node{node}"));
+    let config = root.join(format!("node{node}.toml"));
+    let mut cs = ChunkserverConfig::new(node, addr, dir.clone());
+    cs.transport = transport();
+    cs.pool_files = tuning.pool_files;
+    cs.log_segment_mib = 8;
+    cs.arena_mib = 16;
+    cs.raft = RaftTuning {
+        heartbeat_ms: 100,
+        election_timeout_min_ms: ELECTION_TIMEOUT_MAX_MS / 2,
+        election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS,
+        snapshot_every: tuning.snapshot_every,
+        log_keep: tuning.log_keep,
+    };
+    cs.control = tuning.control.clone();
+    cs.token = tuning.token.clone();
+    cs.heartbeat_ms = 200;
+    std::fs::write(&config, cs.to_toml()).unwrap();
+    let mut s = Server {
+        node,
+        addr,
+        dir,
+        config,
+        child: None,
+    };
+    s.start();
+    s
+}
+
+/// A `quiver control` process.
+pub struct Control {
+    pub addr: SocketAddr,
+    pub name: String,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Control {
+    /// Starts a control node in `dir` with `token`; `tune` adjusts its
+    /// configuration (defaults are quick: 2 s offline, 200 ms scheduling).
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        token: &str,
+        tune: impl FnOnce(&mut quiver_control::ControlConfig),
+    ) -> Control {
+        let addr = free_port();
+        let mut config = quiver_control::ControlConfig::new(addr, dir.join(name), token);
+        config.name = name.to_owned();
+        config.cluster.offline_after_ms = 2_000;
+        config.cluster.schedule_interval_ms = 200;
+        config.pools[0].copysets = 6;
+        tune(&mut config);
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let mut c = Control {
+            addr,
+            name: name.to_owned(),
+            config: path,
+            child: None,
+        };
+        c.start_again();
+        c
+    }
+
+    pub fn start_again(&mut self) {
+        let bin = std::env::var("QUIVER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_quiver").to_string());
+        self.child = Some(
+            Command::new(bin)
+                .args(["control", "--config"])
+                .arg(&self.config)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `probe` until it returns Some, or panics naming `what` after `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 pub fn peers(servers: &[Server]) -> BTreeMap<u64, String> {
