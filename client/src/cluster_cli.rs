@@ -235,6 +235,12 @@ pub fn status(control: &ControlArgs, json: bool) -> anyhow::Result<()> {
         human(s.used_bytes),
         human(s.capacity_bytes)
     );
+    if s.garbage_chunks > 0 {
+        println!(
+            "    garbage:  {} chunks of purged volumes to delete",
+            s.garbage_chunks
+        );
+    }
     if !s.operations.is_empty() {
         println!("  operations:");
         for op in &s.operations {
@@ -282,6 +288,7 @@ fn status_json(s: &proto::ClusterStatus) -> serde_json::Value {
         "capacity_bytes": s.capacity_bytes,
         "used_bytes": s.used_bytes,
         "allocated_bytes": s.allocated_bytes,
+        "garbage_chunks": s.garbage_chunks,
         "operations": s.operations,
     })
 }

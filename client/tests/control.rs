@@ -112,7 +112,10 @@ fn members(copysets: &[proto::CopysetInfo], id: u32) -> Vec<SocketAddr> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_chunkservers_replicas_move_to_a_new_one_and_no_data_is_lost() {
     let root = tempfile::tempdir().unwrap();
-    let control = Control::start(root.path(), "control-1", TOKEN, |_| {});
+    // Deleted volumes are purged at once.
+    let control = Control::start(root.path(), "control-1", TOKEN, |c| {
+        c.cluster.recycle_retention_s = 0;
+    });
     let tuning = Tuning {
         control: vec![control.addr.to_string()],
         token: Some(TOKEN.into()),
@@ -249,6 +252,60 @@ async fn a_dead_chunkservers_replicas_move_to_a_new_one_and_no_data_is_lost() {
         .await
         .unwrap();
     assert_eq!(data, page_of(100, PAGE), "the fenced write left no trace");
+
+    // Delete (the writer closes first): the volume is purged and its
+    // chunks are deleted on their copysets.
+    let close = proto::LeaseRequest {
+        name: "data".into(),
+        epoch: epoch2,
+    };
+    ctl.call("close", |mut c| {
+        let r = close.clone();
+        async move { c.close_volume(r).await }
+    })
+    .await
+    .unwrap();
+    ctl.call("delete", |mut c| async move {
+        c.delete_volume(proto::VolumeRef {
+            name: "data".into(),
+        })
+        .await
+    })
+    .await
+    .unwrap();
+    eventually(
+        "the volume purged and its chunks deleted",
+        Duration::from_secs(30),
+        || async {
+            let s = status(&ctl).await?;
+            let list = ctl
+                .call("list", |mut c| async move {
+                    c.list_volumes(proto::ListVolumesRequest { recycled: true })
+                        .await
+                })
+                .await
+                .ok()?;
+            (list.volumes.is_empty() && s.garbage_chunks == 0).then_some(())
+        },
+    )
+    .await;
+    let map = copysets(&ctl).await;
+    match chunk
+        .read(
+            &members(&map, first.copyset),
+            first.copyset,
+            first.chunk,
+            0,
+            PAGE as u64,
+        )
+        .await
+    {
+        Err(ClientError::Refused {
+            error: ChunkError::NoSuchChunk { .. },
+            ..
+        }) => {}
+        other => panic!("a purged chunk reads: {other:?}"),
+    }
     drop(fourth);
 }
 

@@ -22,6 +22,7 @@ const VOLUME: &str = "volume/";
 const RECYCLED: &str = "recycled/";
 const SEGMENT: &str = "segment/";
 const COUNTERS: &str = "counters";
+const GARBAGE: &str = "garbage/";
 
 /// Why a control request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -157,6 +158,13 @@ fn recycled_key(id: u64) -> String {
 fn segment_key(volume: u64, index: u64) -> String {
     format!("{SEGMENT}{volume:020}/{index:020}")
 }
+fn garbage_key(copyset: u32, chunk: u64) -> String {
+    format!("{GARBAGE}{copyset:010}/{chunk:020}")
+}
+fn parse_garbage_key(key: &str) -> Option<(u32, u64)> {
+    let (copyset, chunk) = key.strip_prefix(GARBAGE)?.split_once('/')?;
+    Some((copyset.parse().ok()?, chunk.parse().ok()?))
+}
 
 /// Builds a batch of record changes.
 #[derive(Debug, Default)]
@@ -194,6 +202,13 @@ impl Changes {
     pub fn counters(&mut self, r: &Counters) {
         self.put(COUNTERS.to_owned(), r);
     }
+    /// A chunk of a purged volume, to delete on its copyset.
+    pub fn garbage(&mut self, copyset: u32, chunk: u64) {
+        self.0.puts.push((garbage_key(copyset, chunk), Vec::new()));
+    }
+    pub fn remove_garbage(&mut self, copyset: u32, chunk: u64) {
+        self.0.deletes.push(garbage_key(copyset, chunk));
+    }
     pub fn into_batch(self) -> Batch {
         self.0
     }
@@ -208,6 +223,8 @@ pub struct Model {
     pub recycled: BTreeMap<u64, VolumeRecord>,
     pub segments: HashMap<(u64, u64), SegmentRecord>,
     pub counters: Counters,
+    /// Copyset → chunks of purged volumes still to delete there.
+    pub garbage: BTreeMap<u32, std::collections::BTreeSet<u64>>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, ControlError> {
@@ -238,6 +255,13 @@ impl Model {
             } else if key.starts_with(SEGMENT) {
                 self.segments
                     .retain(|(v, i), _| segment_key(*v, *i) != *key);
+            } else if let Some((copyset, chunk)) = parse_garbage_key(key) {
+                if let Some(set) = self.garbage.get_mut(&copyset) {
+                    set.remove(&chunk);
+                    if set.is_empty() {
+                        self.garbage.remove(&copyset);
+                    }
+                }
             }
         }
         for (key, value) in &batch.puts {
@@ -258,6 +282,8 @@ impl Model {
                 self.segments.insert((r.volume, r.index), r);
             } else if key == COUNTERS {
                 self.counters = parse(key, value)?;
+            } else if let Some((copyset, chunk)) = parse_garbage_key(key) {
+                self.garbage.entry(copyset).or_default().insert(chunk);
             }
             // Other keys (the leader record) belong to the store.
         }
@@ -425,39 +451,38 @@ impl Model {
         Ok((c.into_batch(), volume))
     }
 
-    /// Volumes in the recycle bin longer than `retention_ms`, with their
-    /// segments: what a purge removes (the chunks they name become garbage
-    /// on the chunkservers).
-    pub fn purge_recycled(&self, now_unix_ms: u64, retention_ms: u64) -> Option<(Batch, u64)> {
+    /// The next step of purging a volume that spent `retention_ms` in the
+    /// recycle bin: one segment at a time (its chunks become garbage, deleted
+    /// on their copysets later), the volume record last. Each step is one
+    /// batch small enough for etcd (65 operations for 64 chunks).
+    pub fn purge_step(&self, now_unix_ms: u64, retention_ms: u64) -> Option<(Batch, String)> {
         let volume = self.recycled.values().find(|v| {
             v.deleted_unix_ms
                 .is_some_and(|at| now_unix_ms.saturating_sub(at) >= retention_ms)
         })?;
         let mut c = Changes::default();
-        c.remove_recycled(volume.id);
-        // etcd takes at most 128 operations per transaction.
-        let mut segments: Vec<u64> = self
+        let segment = self
             .segments
-            .keys()
-            .filter(|(v, _)| *v == volume.id)
-            .map(|(_, i)| *i)
-            .collect();
-        segments.sort_unstable();
-        for index in segments.into_iter().take(100) {
-            c.remove_segment(volume.id, index);
-        }
-        let done = self
-            .segments
-            .keys()
-            .filter(|(v, _)| *v == volume.id)
-            .count()
-            <= 100;
-        let mut batch = c.into_batch();
-        if !done {
-            // Remove segments first, the record last.
-            batch.deletes.retain(|k| !k.starts_with(RECYCLED));
-        }
-        Some((batch, volume.id))
+            .values()
+            .filter(|s| s.volume == volume.id)
+            .min_by_key(|s| s.index);
+        let what = match segment {
+            Some(s) => {
+                c.remove_segment(volume.id, s.index);
+                for (copyset, chunk) in &s.chunks {
+                    c.garbage(*copyset, *chunk);
+                }
+                format!(
+                    "volume {} (id {}): segment {} purged",
+                    volume.name, volume.id, s.index
+                )
+            }
+            None => {
+                c.remove_recycled(volume.id);
+                format!("volume {} (id {}) purged", volume.name, volume.id)
+            }
+        };
+        Some((c.into_batch(), what))
     }
 
     /// Opens a volume for writing: a new epoch and a lease for `client`.
@@ -645,12 +670,12 @@ mod tests {
         assert!(!m.volumes.contains_key("v2"));
         assert_eq!(m.recycled[&1].deleted_unix_ms, Some(100));
         assert!(
-            m.purge_recycled(150, 100).is_none(),
+            m.purge_step(150, 100).is_none(),
             "kept for the retention time"
         );
-        let (b, id) = m.purge_recycled(200, 100).unwrap();
+        let (b, what) = m.purge_step(200, 100).unwrap();
         applied(&mut m, b);
-        assert_eq!(id, 1);
+        assert_eq!(what, "volume v2 (id 1) purged");
         assert!(m.recycled.is_empty());
         // A name freed by delete can be used again, with a new id.
         let (_, v) = m
@@ -721,6 +746,32 @@ mod tests {
             m.allocate_segment(&v, 2).unwrap_err(),
             ControlError::SegmentOutOfRange { index: 2, .. }
         ));
+        {
+            // Purged after deletion: segment by segment, the chunks become
+            // garbage, then the record goes.
+            let mut m = m.clone();
+            let (b, _) = m.delete_volume("v", 0).unwrap();
+            applied(&mut m, b);
+            for _ in 0..2 {
+                let (b, what) = m.purge_step(10, 5).unwrap();
+                assert!(what.contains("segment"), "{what}");
+                applied(&mut m, b);
+            }
+            let garbage: usize = m.garbage.values().map(|s| s.len()).sum();
+            assert_eq!(garbage, 128);
+            let (b, _) = m.purge_step(10, 5).unwrap();
+            applied(&mut m, b);
+            assert!(m.recycled.is_empty() && m.segments.is_empty());
+            assert!(m.purge_step(10, 5).is_none());
+            let mut c = Changes::default();
+            for (cs, chunks) in &m.garbage {
+                for chunk in chunks {
+                    c.remove_garbage(*cs, *chunk);
+                }
+            }
+            applied(&mut m, c.into_batch());
+            assert!(m.garbage.is_empty());
+        }
         // The model survives a reload from the store's entries.
         let mut entries = Vec::new();
         let mut c = Changes::default();

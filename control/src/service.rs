@@ -30,8 +30,10 @@ pub const LEADER_METADATA: &str = "quiver-control-leader";
 /// How long an operation may take before the scheduler gives up on it.
 const CHANGE_PEERS_TIMEOUT: Duration = Duration::from_secs(120);
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(15);
-/// An operation not yet seen done is sent to the leader again after this.
-const RESEND_AFTER: Duration = Duration::from_secs(10);
+/// An operation not yet seen done is sent to the leader again after this
+/// (a chunkserver busy with another action on that copyset skips it; one
+/// already under way ignores the repeat).
+const RESEND_AFTER: Duration = Duration::from_secs(2);
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -90,6 +92,8 @@ struct LeaderState {
     /// Copyset → every member (voters and learners) its leader last reported.
     members: HashMap<u32, HashSet<u64>>,
     pending: HashMap<u32, Pending>,
+    /// Copyset → when its leader was last sent garbage to delete.
+    garbage_sent: HashMap<u32, Instant>,
 }
 
 impl LeaderState {
@@ -103,6 +107,7 @@ impl LeaderState {
             hosted: HashMap::new(),
             members: HashMap::new(),
             pending: HashMap::new(),
+            garbage_sent: HashMap::new(),
         }
     }
 
@@ -456,6 +461,15 @@ impl<S: MetaStore> ControlNode<S> {
                 }
             }
         }
+        // One step of purging the recycle bin per round.
+        let Some(state) = guard.as_ref() else { return };
+        let retention_ms = cluster.recycle_retention_s.saturating_mul(1000);
+        if let Some((batch, what)) = state.model.purge_step(unix_ms(), retention_ms) {
+            match self.commit(&mut guard, batch).await {
+                Ok(()) => info!("recycle bin: {what}"),
+                Err(e) => warn!("recycle bin: {what}: {}", e.message()),
+            }
+        }
         let Some(state) = guard.as_mut() else { return };
 
         // Retire operations that are done, or taking too long.
@@ -659,6 +673,7 @@ impl<S: MetaStore> ControlNode<S> {
             copysets_unavailable: counts[2],
             volumes: state.model.volumes.len() as u32,
             allocated_bytes: allocated,
+            garbage_chunks: state.model.garbage.values().map(|s| s.len() as u64).sum(),
             operations: state
                 .pending
                 .iter()
@@ -813,7 +828,24 @@ impl<S: MetaStore> proto::control_server::Control for ControlNode<S> {
                 }
             }
         }
-        let batch = changes.into_batch();
+        // Garbage the chunkserver deleted.
+        for loc in &hb.deleted {
+            changes.remove_garbage(loc.copyset, loc.chunk);
+        }
+        let mut batch = changes.into_batch();
+        if !batch.deletes.is_empty() {
+            for part in batch.deletes.chunks(100) {
+                self.commit(
+                    &mut guard,
+                    Batch {
+                        puts: Vec::new(),
+                        deletes: part.to_vec(),
+                    },
+                )
+                .await?;
+            }
+            batch.deletes.clear();
+        }
         if !batch.is_empty() {
             // etcd's 128 operations per transaction.
             for part in batch.puts.chunks(100) {
@@ -875,6 +907,20 @@ impl<S: MetaStore> proto::control_server::Control for ControlNode<S> {
             }
         }
         let leaders = state.leader_map();
+        // Garbage of copysets this server leads.
+        for (copyset, chunks) in &state.model.garbage {
+            let sent = state.garbage_sent.get(copyset);
+            if leaders.get(copyset) == Some(&cs) && sent.is_none_or(|t| t.elapsed() >= RESEND_AFTER)
+            {
+                actions.push(proto::Action {
+                    kind: Some(proto::action::Kind::DeleteChunks(proto::DeleteChunks {
+                        copyset: *copyset,
+                        chunks: chunks.iter().take(256).copied().collect(),
+                    })),
+                });
+                state.garbage_sent.insert(*copyset, now);
+            }
+        }
         let mut to_send = Vec::new();
         for (copyset, p) in &state.pending {
             if leaders.get(copyset) != Some(&cs)

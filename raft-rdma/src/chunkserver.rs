@@ -34,7 +34,7 @@ use crate::log::{LogConfig, LogEngine};
 use crate::machine::{chunk_error, write_atomically, ChunkMachine, Disk};
 use crate::net::{handle_raft, FabricNode, Groups, Incoming, Network, Service};
 use crate::service::{
-    self, ChunkError, CopysetSpec, CopysetStatus, LeaderInfo, Request, ServerStatus,
+    self, ChunkError, CopysetSpec, CopysetStatus, LeaderInfo, Mutation, Request, ServerStatus,
 };
 use crate::store::{self as raft_store, LogStore, TypeConfig};
 
@@ -487,17 +487,10 @@ impl Chunkserver {
     ) -> Result<Vec<u8>, ChunkError> {
         match request {
             Request::Mutate(_) => {
-                let c = self.copyset(copyset)?;
-                handing_over(copyset, &c)?;
                 let mut entry = Vec::with_capacity(1 + body.len());
                 entry.push(kind);
                 entry.extend_from_slice(body);
-                let response = c
-                    .raft
-                    .client_write(raft_store::Request(entry))
-                    .await
-                    .map_err(|e| self.write_error(copyset, e))?;
-                service::decode_answer(&response.data.0[..1], &response.data.0[1..])?;
+                self.propose_entry(copyset, entry).await?;
                 Ok(Vec::new())
             }
             Request::Read {
@@ -549,6 +542,25 @@ impl Chunkserver {
                 Ok(Vec::new())
             }
         }
+    }
+
+    /// Proposes a log entry (kind byte + body) on `copyset`'s leader and
+    /// waits for its applied answer.
+    async fn propose_entry(&self, copyset: u32, entry: Vec<u8>) -> Result<(), ChunkError> {
+        let c = self.copyset(copyset)?;
+        handing_over(copyset, &c)?;
+        let response = c
+            .raft
+            .client_write(raft_store::Request(entry))
+            .await
+            .map_err(|e| self.write_error(copyset, e))?;
+        service::decode_answer(&response.data.0[..1], &response.data.0[1..])
+    }
+
+    /// Proposes a mutation of this server's own making (garbage deletion).
+    async fn propose(&self, copyset: u32, m: Mutation<'_>) -> Result<(), ChunkError> {
+        self.propose_entry(copyset, service::encode_mutation(&m))
+            .await
     }
 
     /// Adds and/or removes a member of `copyset` (on its leader). A new

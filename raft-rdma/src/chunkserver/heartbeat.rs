@@ -13,7 +13,11 @@ use quiver_control::ControlClient;
 use tonic::Code;
 
 use super::{Chunkserver, Inner};
-use crate::service::{self, ChunkError, CopysetSpec, PeerChange};
+use crate::service::{self, ChunkError, CopysetSpec, Mutation, PeerChange};
+
+/// The longest a control plane action may run (a new member's catch-up of
+/// a full copyset included).
+const ACTION_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub(super) struct Reporter {
     client: ControlClient,
@@ -21,6 +25,8 @@ pub(super) struct Reporter {
     interval: Duration,
     /// Copysets with an action under way: one at a time each.
     busy: Arc<Mutex<HashSet<u32>>>,
+    /// Garbage chunks deleted, to report in the next heartbeat.
+    deleted: Arc<Mutex<Vec<proto::ChunkLocation>>>,
 }
 
 /// Bytes of the file system holding `path`: (capacity, used).
@@ -70,6 +76,7 @@ impl Reporter {
             },
             interval: Duration::from_millis(config.heartbeat_ms.max(50)),
             busy: Arc::default(),
+            deleted: Arc::default(),
         })
     }
 
@@ -136,6 +143,9 @@ impl Reporter {
         let status = server.status();
         let (capacity_bytes, used_bytes) = disk_usage(&server.0.config.data_dir);
         proto::HeartbeatRequest {
+            // Lost if this heartbeat fails: the control plane then sends the
+            // chunks again, and deleting a deleted chunk succeeds.
+            deleted: std::mem::take(&mut *self.deleted.lock().expect("deleted lock")),
             chunkserver: server.0.config.node_id,
             addr: self.register.addr.clone(),
             capacity_bytes,
@@ -165,19 +175,30 @@ impl Reporter {
             Kind::Change(c) => c.copyset,
             Kind::Transfer(t) => t.copyset,
             Kind::Remove(r) => r.copyset,
+            Kind::DeleteChunks(d) => d.copyset,
         };
         if !self.busy.lock().expect("busy lock").insert(copyset) {
             return;
         }
         let busy = self.busy.clone();
         let server = server.clone();
+        let deleted = self.deleted.clone();
         tokio::spawn(async move {
-            let what = format!("{kind:?}");
-            match server.act(kind).await {
-                Ok(()) => tracing::info!(copyset, "control plane action done: {what}"),
-                Err(e) => {
+            let what = match &kind {
+                Kind::DeleteChunks(d) => format!("delete {} chunks", d.chunks.len()),
+                other => format!("{other:?}"),
+            };
+            // Bounded: a stuck action must not keep the copyset busy for
+            // good (the control plane sends it again).
+            match tokio::time::timeout(ACTION_TIMEOUT, server.act(kind, &deleted)).await {
+                Ok(Ok(())) => tracing::info!(copyset, "control plane action done: {what}"),
+                Ok(Err(e)) => {
                     tracing::warn!(copyset, error = %e, "control plane action failed: {what}")
                 }
+                Err(_) => tracing::warn!(
+                    copyset,
+                    "control plane action unfinished after {ACTION_TIMEOUT:?}, abandoned: {what}"
+                ),
             }
             busy.lock().expect("busy lock").remove(&copyset);
         });
@@ -185,7 +206,11 @@ impl Reporter {
 }
 
 impl Chunkserver {
-    async fn act(&self, kind: Kind) -> Result<(), ChunkError> {
+    async fn act(
+        &self,
+        kind: Kind,
+        deleted: &Mutex<Vec<proto::ChunkLocation>>,
+    ) -> Result<(), ChunkError> {
         match kind {
             Kind::Create(c) => {
                 let peers: BTreeMap<u64, String> =
@@ -213,6 +238,19 @@ impl Chunkserver {
                 self.transfer_leader(t.copyset, &copyset, t.to).await
             }
             Kind::Remove(r) => self.remove_copyset(r.copyset).await,
+            Kind::DeleteChunks(d) => {
+                for chunk in d.chunks {
+                    self.propose(d.copyset, Mutation::Delete { chunk }).await?;
+                    deleted
+                        .lock()
+                        .expect("deleted lock")
+                        .push(proto::ChunkLocation {
+                            copyset: d.copyset,
+                            chunk,
+                        });
+                }
+                Ok(())
+            }
         }
     }
 }
