@@ -19,6 +19,9 @@ pub struct ControlArgs {
     pub token: Option<String>,
     #[arg(long, env = "QUIVER_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
+    /// Talk TLS, trusting the control nodes' certificates signed by this CA (PEM).
+    #[arg(long, env = "QUIVER_CA", global = true)]
+    pub ca: Option<PathBuf>,
 }
 
 /// Where the playground keeps its token: commands run beside it find it.
@@ -44,7 +47,17 @@ impl ControlArgs {
 
     /// A client (inside a runtime: it connects lazily).
     pub fn client(&self) -> anyhow::Result<ControlClient> {
-        Ok(ControlClient::new(&self.control, &self.token()?)?)
+        let ca = match &self.ca {
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+            }
+            None => None,
+        };
+        Ok(ControlClient::connect(
+            &self.control,
+            &self.token()?,
+            ca.as_deref(),
+        )?)
     }
 }
 

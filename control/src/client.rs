@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::proto::control_client::ControlClient as Stub;
@@ -66,28 +66,55 @@ struct Endpoints {
 pub struct ControlClient {
     endpoints: Arc<Mutex<Endpoints>>,
     token: TokenInterceptor,
+    /// The CA that signed the control nodes' certificates, for TLS.
+    ca: Option<Certificate>,
     retry_for: Duration,
 }
 
-fn stub(addr: &str, token: &TokenInterceptor) -> Result<Rpc, ControlClientError> {
+fn stub(
+    addr: &str,
+    token: &TokenInterceptor,
+    ca: Option<&Certificate>,
+) -> Result<Rpc, ControlClientError> {
+    let bad =
+        |e: &dyn std::fmt::Display| ControlClientError::BadEndpoint(addr.to_owned(), e.to_string());
+    let scheme = if ca.is_some() { "https" } else { "http" };
     let uri = if addr.contains("://") {
         addr.to_owned()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    let channel = Endpoint::from_shared(uri)
-        .map_err(|e| ControlClientError::BadEndpoint(addr.to_owned(), e.to_string()))?
+    let mut endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| bad(&e))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect_lazy();
-    Ok(Stub::with_interceptor(channel, token.clone()))
+        .tcp_nodelay(true);
+    if let Some(ca) = ca {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(ca.clone()))
+            .map_err(|e| bad(&e))?;
+    }
+    Ok(Stub::with_interceptor(
+        endpoint.connect_lazy(),
+        token.clone(),
+    ))
 }
 
 impl ControlClient {
     /// A client of the control nodes at `endpoints` (`host:port`, any of
     /// them; the leader is found). Connects lazily.
     pub fn new(endpoints: &[String], token: &str) -> Result<ControlClient, ControlClientError> {
+        ControlClient::connect(endpoints, token, None)
+    }
+
+    /// A client over TLS: `ca_pem` is the certificate (PEM) that signed the
+    /// control nodes' certificates, or `None` for plain TCP.
+    pub fn connect(
+        endpoints: &[String],
+        token: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<ControlClient, ControlClientError> {
+        let ca = ca_pem.map(Certificate::from_pem);
         if endpoints.is_empty() {
             return Err(ControlClientError::BadEndpoint(
                 String::new(),
@@ -103,11 +130,12 @@ impl ControlClient {
         let token = TokenInterceptor(value);
         let nodes = endpoints
             .iter()
-            .map(|e| Ok((e.clone(), stub(e, &token)?)))
+            .map(|e| Ok((e.clone(), stub(e, &token, ca.as_ref())?)))
             .collect::<Result<_, ControlClientError>>()?;
         Ok(ControlClient {
             endpoints: Arc::new(Mutex::new(Endpoints { nodes, current: 0 })),
             token,
+            ca,
             retry_for: Duration::from_secs(15),
         })
     }
@@ -135,7 +163,7 @@ impl ControlClient {
                 e.current = i;
                 return;
             }
-            if let Ok(s) = stub(&addr, &self.token) {
+            if let Ok(s) = stub(&addr, &self.token, self.ca.as_ref()) {
                 e.nodes.push((addr, s));
                 e.current = e.nodes.len() - 1;
                 return;

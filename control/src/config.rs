@@ -32,6 +32,9 @@ pub struct ControlConfig {
     pub token: Option<String>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Serve gRPC over TLS (rustls) with this certificate and key.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
@@ -40,6 +43,14 @@ pub struct ControlConfig {
     /// physical pool `default`).
     #[serde(default = "default_pools")]
     pub pools: Vec<PoolConfig>,
+}
+
+/// PEM files of the control node's TLS identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -127,6 +138,7 @@ impl ControlConfig {
             data_dir,
             token: Some(token.to_owned()),
             token_file: None,
+            tls: None,
             store: StoreConfig::default(),
             cluster: ClusterTuning::default(),
             pools: default_pools(),

@@ -189,16 +189,23 @@ impl<S: MetaStore> ControlNode<S> {
         });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut server_stop = stop_rx.clone();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move {
-                        let _ = server_stop.wait_for(|s| *s).await;
-                    },
-                ),
-        );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.0.config.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let identity =
+                tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .context("TLS configuration")?;
+        }
+        let server = tokio::spawn(builder.add_service(service).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            },
+        ));
         let leading = tokio::spawn(self.clone().lead_forever(stop_rx));
         shutdown.await;
         info!("control node {} stopping", self.0.me.name);

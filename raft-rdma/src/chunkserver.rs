@@ -129,6 +129,9 @@ pub struct ChunkserverConfig {
     /// The control plane's shared token.
     #[serde(default)]
     pub token: Option<String>,
+    /// Talk TLS to the control plane, trusting this CA (PEM file).
+    #[serde(default)]
+    pub control_ca: Option<PathBuf>,
     /// Failure domain (default `zone-NODE_ID`: every server its own zone).
     #[serde(default)]
     pub zone: Option<String>,
@@ -194,6 +197,7 @@ impl ChunkserverConfig {
             raft: RaftTuning::default(),
             control: Vec::new(),
             token: None,
+            control_ca: None,
             zone: None,
             server: None,
             pool: default_pool(),

@@ -60,7 +60,15 @@ impl Reporter {
             !token.is_empty(),
             "`control` is set: the control plane's `token` is needed too"
         );
-        let client = ControlClient::new(&config.control, &token)?.retry_for(Duration::from_secs(3));
+        let ca = match &config.control_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("control_ca {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let client = ControlClient::connect(&config.control, &token, ca.as_deref())?
+            .retry_for(Duration::from_secs(3));
         Ok(Reporter {
             client,
             register: proto::RegisterRequest {
