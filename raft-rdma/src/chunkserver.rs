@@ -75,6 +75,9 @@ impl RaftTuning {
             // At most 256 KiB of 4 KiB writes per AppendEntries: a follower
             // catching up gets batches it stores within a heartbeat's time.
             max_payload_entries: 64,
+            // Snapshot data (a chunk list) goes in pieces that fit a fabric
+            // message.
+            snapshot_max_chunk_size: 512 << 10,
             ..Config::default()
         }
         .validate()

@@ -46,6 +46,30 @@ use serde::Serialize;
 
 use crate::store::TypeConfig;
 
+/// Bytes of entries one AppendEntries message carries at most: the
+/// fabric's 1 MiB message, less room for the request's other fields.
+const APPEND_BYTES_MAX: u64 = (1 << 20) - (2 << 10);
+
+/// How many entries go in each message so none exceeds `max` encoded bytes
+/// (an entry larger than `max` travels alone).
+fn split_entries<E: Serialize>(entries: &[E], max: u64) -> Vec<usize> {
+    let mut parts = Vec::new();
+    let (mut count, mut bytes) = (0usize, 0u64);
+    for e in entries {
+        let size = bincode::serialized_size(e).unwrap_or(max);
+        if count > 0 && bytes + size > max {
+            parts.push(count);
+            (count, bytes) = (0, 0);
+        }
+        count += 1;
+        bytes += size;
+    }
+    if count > 0 {
+        parts.push(count);
+    }
+    parts
+}
+
 /// The services a [`FabricNode`] carries, each under its own AM id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
@@ -556,7 +580,36 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call(KIND_APPEND, &rpc, &option).await
+        // A batch over one fabric message goes as consecutive appends, each
+        // starting where the last ended: the follower treats them as the
+        // one append (it commits only up to what it holds), and the first
+        // answer other than success is the answer.
+        let parts = split_entries(&rpc.entries, APPEND_BYTES_MAX);
+        if parts.len() <= 1 {
+            return self.call(KIND_APPEND, &rpc, &option).await;
+        }
+        let AppendEntriesRequest {
+            vote,
+            mut prev_log_id,
+            leader_commit,
+            entries,
+        } = rpc;
+        let mut entries = entries.into_iter();
+        for count in parts {
+            let part: Vec<_> = entries.by_ref().take(count).collect();
+            let last = part.last().map(|e| e.log_id);
+            let request: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
+                vote,
+                prev_log_id,
+                leader_commit,
+                entries: part,
+            };
+            match self.call(KIND_APPEND, &request, &option).await? {
+                AppendEntriesResponse::Success => prev_log_id = last,
+                other => return Ok(other),
+            }
+        }
+        Ok(AppendEntriesResponse::Success)
     }
 
     async fn install_snapshot(
@@ -576,5 +629,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.call(KIND_VOTE, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_entries;
+
+    #[test]
+    fn entries_split_into_messages_under_the_limit() {
+        let entries: Vec<Vec<u8>> = [100, 500, 300, 900, 50, 2000, 10]
+            .iter()
+            .map(|n| vec![0u8; *n])
+            .collect();
+        // bincode adds 8 bytes of length to each.
+        assert_eq!(split_entries(&entries, 1000), [3, 2, 1, 1]);
+        assert_eq!(split_entries(&entries, 1 << 20), [7]);
+        assert!(split_entries::<Vec<u8>>(&[], 1000).is_empty());
     }
 }

@@ -30,6 +30,9 @@ pub const STATUS_ERR: u8 = 1;
 
 /// The largest read or write one request carries.
 pub const IO_BYTES_MAX: usize = 1 << 20;
+/// The largest write that fits one fabric message (1 MiB of payload) with
+/// its 32-byte prefix: a page less than [`IO_BYTES_MAX`].
+pub const WRITE_BYTES_MAX: usize = IO_BYTES_MAX - PAGE_BYTES;
 
 /// Why a chunk request failed. Sent to the caller as is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
