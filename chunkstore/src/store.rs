@@ -920,6 +920,14 @@ impl ChunkStore {
         }
     }
 
+    /// An eventfd signalled whenever an operation finishes in the kernel:
+    /// an owner that does not call `poll` often (applied writes are
+    /// submitted and left) waits on it to keep operations moving, since
+    /// queued operations start only when `poll` sees earlier ones finish.
+    pub fn completion_eventfd(&mut self) -> std::io::Result<std::os::fd::OwnedFd> {
+        self.ring.completion_eventfd()
+    }
+
     /// Operations submitted and not yet returned by `poll`.
     pub fn in_flight(&self) -> usize {
         self.config.ops_max - self.free_ops.len() + self.done.len()

@@ -116,6 +116,21 @@ impl Ring {
         Ok(())
     }
 
+    /// An eventfd the kernel signals whenever it posts a completion, so an
+    /// owner can sleep until there is something to reap.
+    pub fn completion_eventfd(&mut self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: eventfd returns a new descriptor we then own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor owned by nobody else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        self.ring.submitter().register_eventfd(fd.as_raw_fd())?;
+        Ok(fd)
+    }
+
     pub fn file_slots(&self) -> u32 {
         self.file_slots
     }

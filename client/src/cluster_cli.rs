@@ -67,7 +67,7 @@ pub enum VolumeCommand {
     Create {
         name: String,
         /// Bytes, or with a unit: 10G, 512M, 1T.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = crate::bench::parse_size)]
         size: u64,
         #[arg(long, default_value = "")]
         owner: String,
@@ -94,7 +94,7 @@ pub enum VolumeCommand {
     /// Grow a volume.
     Extend {
         name: String,
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = crate::bench::parse_size)]
         size: u64,
         #[arg(long)]
         json: bool,
@@ -111,45 +111,6 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// `10G`, `512M`, `4096`, `1T`, `64K` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                _ => return Err(format!("{s:?}: unknown unit {c:?} (use K, M, G, T or P)")),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = digits.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(|| format!("{s:?}: too large"))
-}
-
-/// Bytes in binary units for people.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 /// `quiver control --config FILE`.
@@ -241,12 +202,12 @@ pub fn status(control: &ControlArgs, json: bool) -> anyhow::Result<()> {
     println!(
         "    volumes:  {}, {} allocated",
         s.volumes,
-        human(s.allocated_bytes)
+        crate::bench::format_size(s.allocated_bytes)
     );
     println!(
         "    disks:    {} used of {}",
-        human(s.used_bytes),
-        human(s.capacity_bytes)
+        crate::bench::format_size(s.used_bytes),
+        crate::bench::format_size(s.capacity_bytes)
     );
     if s.garbage_chunks > 0 {
         println!(
@@ -324,14 +285,18 @@ fn print_volume(v: &proto::Volume, json: bool) -> anyhow::Result<()> {
     }
     println!("name:      {}", v.name);
     println!("id:        {}", v.id);
-    println!("size:      {} ({} bytes)", human(v.size), v.size);
+    println!(
+        "size:      {} ({} bytes)",
+        crate::bench::format_size(v.size),
+        v.size
+    );
     println!("owner:     {}", v.owner);
     println!("pool:      {}", v.pool);
     println!(
         "allocated: {} of {} segments ({} each)",
         v.segments_allocated,
         v.size / v.segment_size.max(1),
-        human(v.segment_size)
+        crate::bench::format_size(v.segment_size)
     );
     if v.writer.is_empty() {
         println!("writer:    none (epoch {})", v.epoch);
@@ -398,8 +363,8 @@ pub fn volume(control: &ControlArgs, what: VolumeCommand) -> anyhow::Result<()> 
                         println!(
                             "{:<24}  {:>10}  {:>9}  {:<12}  {state}",
                             v.name,
-                            human(v.size),
-                            human(v.segments_allocated * v.segment_size),
+                            crate::bench::format_size(v.size),
+                            crate::bench::format_size(v.segments_allocated * v.segment_size),
                             v.owner
                         );
                     }
@@ -464,18 +429,165 @@ pub fn volume(control: &ControlArgs, what: VolumeCommand) -> anyhow::Result<()> 
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#[derive(Args)]
+pub struct NbdArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The volume to export (also the export's name).
+    #[arg(long)]
+    pub volume: String,
+    /// TCP address to serve on (default 127.0.0.1:10809 unless --socket).
+    #[arg(long, conflicts_with = "socket")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Unix socket to serve on.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Export read-only (no write lease is taken).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Take the write lease even if another client holds it (it is fenced).
+    #[arg(long)]
+    pub force: bool,
+}
 
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("10G"), Ok(10 << 30));
-        assert_eq!(parse_size("512m"), Ok(512 << 20));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("99999999999P").is_err());
-        assert_eq!(human(3 << 30), "3.0 GiB");
+/// The default NBD address (NBD's own port).
+pub const DEFAULT_NBD_ADDR: &str = "127.0.0.1:10809";
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
+}
+
+/// The cluster as the CLI connects to it.
+pub async fn connect(control: &ControlArgs) -> anyhow::Result<quiver_client::Cluster> {
+    let ca = match &control.ca {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    let options = quiver_client::ClusterOptions {
+        ca,
+        ..Default::default()
+    };
+    Ok(quiver_client::Cluster::connect_with(&control.control, &control.token()?, options).await?)
+}
+
+/// `quiver nbd`.
+pub fn nbd(args: NbdArgs) -> anyhow::Result<()> {
+    use quiver_client::nbd::NbdListener;
+    use quiver_client::OpenMode;
+    crate::runtime()?.block_on(async move {
+        let cluster = connect(&args.control).await?;
+        let mode = if args.read_only {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite { force: args.force }
+        };
+        let volume = cluster.open(&args.volume, mode).await?;
+        let listener = match (&args.socket, args.listen) {
+            (Some(path), _) => NbdListener::bind_unix(path)
+                .with_context(|| format!("binding {}", path.display()))?,
+            (None, listen) => {
+                let addr = listen.unwrap_or_else(|| DEFAULT_NBD_ADDR.parse().expect("an address"));
+                NbdListener::bind_tcp(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr}"))?
+            }
+        };
+        let bound = listener.bound()?;
+        eprintln!(
+            "quiver nbd: volume {} ({}, {}) at {}",
+            args.volume,
+            crate::bench::format_size(volume.size()),
+            if args.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            bound.uri(&args.volume)
+        );
+        let device = std::sync::Arc::new(volume.clone());
+        quiver_client::nbd::serve(device, args.volume.clone(), listener, stop_signal()).await;
+        eprintln!("quiver nbd: stopping");
+        volume.close().await?;
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct BenchVolumeArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    #[arg(long)]
+    pub volume: String,
+    #[arg(long, value_enum, default_value_t = crate::bench::volume::VolumePattern::Randwrite)]
+    pub pattern: crate::bench::volume::VolumePattern,
+    #[arg(long, default_value = "4k", value_parser = crate::bench::parse_size)]
+    pub bs: u64,
+    #[arg(long, default_value_t = 1)]
+    pub iodepth: usize,
+    /// Seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Bytes of the volume the offsets range over (reads lay it out first).
+    #[arg(long, default_value = "64M", value_parser = crate::bench::parse_size)]
+    pub size: u64,
+    /// Self-describing blocks; every read checked.
+    #[arg(long)]
+    pub verify: bool,
+    /// Take the write lease from another client.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `quiver bench volume`.
+pub fn bench_volume(args: BenchVolumeArgs) -> anyhow::Result<()> {
+    use crate::bench::volume::{self, VolumeWorkload};
+    let duration = std::time::Duration::try_from_secs_f64(args.duration)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--duration must be a positive number of seconds")?;
+    let workload = VolumeWorkload {
+        pattern: args.pattern,
+        bs: usize::try_from(args.bs).context("--bs too large")?,
+        iodepth: args.iodepth,
+        duration,
+        working_set: args.size,
+        verify: args.verify,
+    };
+    crate::runtime()?.block_on(async move {
+        let cluster = connect(&args.control).await?;
+        let v = cluster
+            .open(
+                &args.volume,
+                quiver_client::OpenMode::ReadWrite { force: args.force },
+            )
+            .await?;
+        let run = volume::run(v.clone(), workload.clone()).await?;
+        let figures = crate::bench::report::Figures::of(&run.stats);
+        let report = crate::bench::report::Report::volume(
+            &args.volume,
+            &VolumeWorkload {
+                working_set: workload.working_set.min(v.size()),
+                ..workload
+            },
+            figures,
+            run.verified_reads,
+        );
+        v.close().await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        Ok(())
+    })
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cluster_cli;
+mod playground;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +51,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Export a volume over NBD (qemu, nbdinfo, fio, the kernel's nbd client).
+    Nbd(cluster_cli::NbdArgs),
+    /// A whole cluster on this machine: control, three chunkservers, a
+    /// volume `demo` served over NBD. Ctrl-C stops it; a second run reuses it.
+    Playground(playground::PlaygroundArgs),
     /// Cluster health, like `ceph -s`.
     Status {
         #[command(flatten)]
@@ -138,6 +144,8 @@ enum BenchCommand {
     /// 3-replica writes through chunkserver processes, beside one node's
     /// durable write and a fabric round trip measured in the same run.
     Replication(BenchReplication),
+    /// Random IO on a volume through the client library.
+    Volume(cluster_cli::BenchVolumeArgs),
 }
 
 #[derive(Args)]
@@ -386,6 +394,11 @@ fn main() -> anyhow::Result<()> {
         Command::Chunkserver { config } => chunkserver(&config),
         Command::Admin { what } => admin(what),
         Command::Control { config } => cluster_cli::run_control(&config),
+        Command::Nbd(args) => cluster_cli::nbd(args),
+        Command::Playground(args) => playground::run(args),
+        Command::Bench {
+            what: BenchCommand::Volume(args),
+        } => cluster_cli::bench_volume(args),
         Command::Status { control, json } => cluster_cli::status(&control, json),
         Command::Volume { control, what } => cluster_cli::volume(&control, what),
     }

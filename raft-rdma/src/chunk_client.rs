@@ -324,7 +324,10 @@ impl ChunkClient {
                 bootstrap: Some(node) == bootstrap,
             };
             let body = serde_json::to_vec(&spec).expect("serializes");
-            self.call(server, copyset, KIND_CREATE_COPYSET, body)
+            // Creation syncs files and starts Raft: slow on a slow disk or
+            // under emulation, and safe to wait for (it is idempotent).
+            let timeout = self.call_timeout.max(Duration::from_secs(30));
+            self.call_within(server, copyset, KIND_CREATE_COPYSET, body, timeout)
                 .await?;
         }
         Ok(())

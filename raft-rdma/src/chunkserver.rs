@@ -347,7 +347,7 @@ impl Chunkserver {
         };
         let arena = chunk_arena(config.arena_mib, store_config.open_files_max as usize)?;
         let store = ChunkStore::open(store_config, arena).context("opening the chunk store")?;
-        let disk = Arc::new(Disk::new(store));
+        let disk = Disk::new(store).context("starting the chunk store's driver")?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let worker_config = WorkerConfig {
             transport: config.transport()?,
@@ -513,11 +513,32 @@ impl Chunkserver {
                 }
                 let key = ChunkKey { copyset, chunk };
                 let disk = &self.0.disk;
-                let mut store = disk.store();
-                let data = store.read(key, offset, len as usize).map_err(chunk_error)?;
-                // Applied writes that finished meanwhile wait in the store.
-                disk.reap(&mut store, None).map_err(chunk_error)?;
-                Ok(data.to_vec())
+                let started = std::time::Instant::now();
+                loop {
+                    let read = {
+                        let mut store = disk.store();
+                        match store.read(key, offset, len as usize) {
+                            Ok(data) => {
+                                let data = data.to_vec();
+                                // Applied writes that finished meanwhile wait in the store.
+                                disk.reap(&mut store, None).map_err(chunk_error)?;
+                                Ok(data)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    };
+                    match read {
+                        Ok(data) => return Ok(data),
+                        // The op table is full of applied writes in flight:
+                        // they finish in moments (the disk's driver moves them).
+                        Err(quiver_chunkstore::StoreError::Busy(_))
+                            if started.elapsed() < std::time::Duration::from_secs(5) =>
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        }
+                        Err(e) => return Err(chunk_error(e)),
+                    }
+                }
             }
             Request::Leader => {
                 let c = self.copyset(copyset)?;

@@ -54,15 +54,62 @@ pub struct Disk {
     failed: Mutex<Option<StoreError>>,
     /// Tokens of applied writes (to find a write's own completion).
     next_token: std::sync::atomic::AtomicU64,
+    /// The store's completion eventfd, written on drop to stop the driver.
+    wake_driver: Option<std::os::fd::OwnedFd>,
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = self.wake_driver.take() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes to our eventfd wakes the driver, which
+            // then finds the disk gone and returns.
+            unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
 }
 
 impl Disk {
-    pub fn new(store: ChunkStore) -> Disk {
-        Disk {
+    /// A disk whose store is kept moving by a driver thread: applied writes
+    /// are submitted and left, and operations queued behind them (writes
+    /// sharing a checksum page) start only when the store sees earlier ones
+    /// finish. The thread sleeps on the ring's completion eventfd, so an
+    /// idle disk costs nothing.
+    pub fn new(mut store: ChunkStore) -> std::io::Result<Arc<Disk>> {
+        use std::os::fd::AsRawFd;
+        let eventfd = store.completion_eventfd()?;
+        let wake = eventfd.try_clone()?;
+        let disk = Arc::new(Disk {
             store: Mutex::new(store),
             failed: Mutex::new(None),
             next_token: std::sync::atomic::AtomicU64::new(0),
-        }
+            wake_driver: Some(wake),
+        });
+        let weak = Arc::downgrade(&disk);
+        std::thread::Builder::new()
+            .name("chunk-store-driver".into())
+            .spawn(move || loop {
+                let mut count = [0u8; 8];
+                // SAFETY: reading 8 bytes into our buffer from our eventfd.
+                let n = unsafe {
+                    libc::read(eventfd.as_raw_fd(), count.as_mut_ptr().cast(), count.len())
+                };
+                if n < 0
+                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                {
+                    continue;
+                }
+                let Some(disk) = weak.upgrade() else { return };
+                if n < 0 {
+                    tracing::error!("chunk store completion eventfd failed: the driver stops");
+                    return;
+                }
+                let mut store = disk.store();
+                // Errors fail the disk inside reap; nothing else to do here.
+                let _ = disk.reap(&mut store, None);
+            })?;
+        Ok(disk)
     }
 
     /// The store, for one synchronous operation. Holding it blocks every
@@ -310,9 +357,22 @@ impl ChunkMachine {
                     }
                 };
                 buf.copy_from_slice(data);
-                let submitted = store
-                    .submit_write(key, sn, offset, buf.freeze(), false, token)
-                    .and_then(|()| disk.reap(store, Some(token)));
+                let buf = buf.freeze();
+                let submitted = loop {
+                    match store.submit_write(key, sn, offset, buf.clone(), false, token) {
+                        // The store's op table is full of applied writes in
+                        // flight: wait for one to finish, then submit.
+                        Err(StoreError::Busy(_)) if store.in_flight() > 0 => {
+                            if let Some(done) = store.poll(true)? {
+                                if let Err(e) = done.result {
+                                    disk.fail(e.clone());
+                                    return Err(e);
+                                }
+                            }
+                        }
+                        other => break other.and_then(|()| disk.reap(store, Some(token))),
+                    }
+                };
                 match submitted {
                     Ok(()) => Ok(Ok(())),
                     // Deterministic on every replica: an answer, not a failure.

@@ -8,6 +8,7 @@ pub mod fio;
 pub mod raftlog;
 pub mod replication;
 pub mod report;
+pub mod volume;
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};

@@ -114,6 +114,9 @@ pub struct Report {
     /// replication: 1.5 x (chunkstore p50 + 2 x fabric p50), the p50 to stay under.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_p50_us: Option<f64>,
+    /// volume with --verify: reads whose contents were checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified_reads: Option<u64>,
     pub runs: usize,
     pub iters: u64,
     pub p50_us: f64,
@@ -253,6 +256,34 @@ impl Report {
         report
     }
 
+    /// The report of `bench volume`.
+    pub fn volume(
+        volume: &str,
+        w: &super::volume::VolumeWorkload,
+        ours: Figures,
+        verified_reads: u64,
+    ) -> Report {
+        let title = format!(
+            "bench volume: {} on {volume}, {} bytes per op, iodepth {}, {} working set, {} ops",
+            w.pattern.name(),
+            w.bs,
+            w.iodepth,
+            super::format_size(w.working_set),
+            ours.iters,
+        );
+        let mut report = Report::build(title, w.pattern.name().into(), w.bs, w.iodepth, 1, ours);
+        report.iodepth = Some(w.iodepth);
+        report.sync = Some("raft".into());
+        report.working_set_bytes = Some(w.working_set);
+        report.verified_reads = w.verify.then_some(verified_reads);
+        if w.verify {
+            report.notes = vec![format!(
+                "verified: {verified_reads} reads checked (offset, generation, checksum), none wrong"
+            )];
+        }
+        report
+    }
+
     fn build(
         title: String,
         mode: String,
@@ -274,6 +305,7 @@ impl Report {
             chunkservers: None,
             copysets: None,
             target_p50_us: None,
+            verified_reads: None,
             runs,
             iters: ours.iters,
             p50_us: ours.p50_us,
