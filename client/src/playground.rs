@@ -353,7 +353,7 @@ async fn warm_up_bench(cluster: &Cluster, seconds: f64) -> anyhow::Result<()> {
         bs: 4096,
         iodepth: 8,
         duration: Duration::from_secs_f64(seconds),
-        working_set: 32 << 20,
+        working_set: 8 << 20,
         verify: true,
     };
     println!(
