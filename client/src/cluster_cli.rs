@@ -45,14 +45,17 @@ impl ControlArgs {
         Ok(token.trim().to_owned())
     }
 
+    /// The CA certificate (PEM) for a control plane serving TLS.
+    pub fn ca(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.ca
+            .as_ref()
+            .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())))
+            .transpose()
+    }
+
     /// A client (inside a runtime: it connects lazily).
     pub fn client(&self) -> anyhow::Result<ControlClient> {
-        let ca = match &self.ca {
-            Some(path) => {
-                Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-            }
-            None => None,
-        };
+        let ca = self.ca()?;
         Ok(ControlClient::connect(
             &self.control,
             &self.token()?,
@@ -465,14 +468,8 @@ pub async fn stop_signal() {
 
 /// The cluster as the CLI connects to it.
 pub async fn connect(control: &ControlArgs) -> anyhow::Result<quiver_client::Cluster> {
-    let ca = match &control.ca {
-        Some(path) => {
-            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-        }
-        None => None,
-    };
     let options = quiver_client::ClusterOptions {
-        ca,
+        ca: control.ca()?,
         ..Default::default()
     };
     Ok(quiver_client::Cluster::connect_with(&control.control, &control.token()?, options).await?)

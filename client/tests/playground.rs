@@ -33,9 +33,7 @@ fn free_ports() -> u16 {
             .local_addr()
             .unwrap()
             .port();
-        if base < 65000
-            && (1..=3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok())
-        {
+        if base < 65000 && (1..=3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
     }
@@ -87,7 +85,10 @@ impl Playground {
                         return line;
                     }
                 }
-                Err(_) => panic!("no {prefix:?} within {within:?}; output:\n{}", self.seen.join("\n")),
+                Err(_) => panic!(
+                    "no {prefix:?} within {within:?}; output:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
@@ -131,11 +132,20 @@ fn the_playground_serves_nbd_clients_and_keeps_its_data() {
     let ready = pg.wait_for("ready: ", Duration::from_secs(180));
     let uri = ready.trim_start_matches("ready: ").to_owned();
     assert_eq!(uri, format!("nbd://127.0.0.1:{nbd}/demo"));
-    assert!(pg.seen.iter().any(|l| l.contains("reads verified, none wrong")), "{:?}", pg.seen);
+    assert!(
+        pg.seen
+            .iter()
+            .any(|l| l.contains("reads verified, none wrong")),
+        "{:?}",
+        pg.seen
+    );
     assert!(pg.seen.iter().any(|l| l.contains("transport: ")));
 
     let info = run(Command::new("nbdinfo").arg("--list").arg(&uri));
-    assert!(info.contains("demo") && info.contains("1073741824"), "{info}");
+    assert!(
+        info.contains("demo") && info.contains("1073741824"),
+        "{info}"
+    );
 
     // 64 MiB of random bytes in through qemu-img, and out again.
     let image = cwd.path().join("random.img");
@@ -181,6 +191,9 @@ fn the_playground_serves_nbd_clients_and_keeps_its_data() {
         .arg(&uri)
         .arg(&back));
     let out = std::fs::read(&back).unwrap();
-    assert!(out[..64 << 20] == data[..], "the data did not survive a restart");
+    assert!(
+        out[..64 << 20] == data[..],
+        "the data did not survive a restart"
+    );
     pg.stop();
 }
