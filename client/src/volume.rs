@@ -96,6 +96,10 @@ pub struct ClusterOptions {
     pub io_deadline: Duration,
     /// Who we are, as a volume's write lease names us.
     pub client_name: String,
+    /// How long the fabric thread polls after work before it sleeps. 0 by
+    /// default, as for chunkservers: on a machine with fewer cores than
+    /// busy threads a spin costs more than it buys; give it cores first.
+    pub spin: Duration,
 }
 
 impl Default for ClusterOptions {
@@ -111,6 +115,7 @@ impl Default for ClusterOptions {
                     .unwrap_or_else(|_| "localhost".into()),
                 std::process::id()
             ),
+            spin: Duration::ZERO,
         }
     }
 }
@@ -159,6 +164,7 @@ impl Cluster {
             })?;
         let mut chunks = ChunkClient::start(WorkerConfig {
             transport: options.transport,
+            spin: options.spin,
             ..WorkerConfig::default()
         })
         .map_err(|e| VolumeError::Fabric(format!("{e:#}")))?;
