@@ -49,6 +49,11 @@ pub enum VolumeError {
     },
     #[error("volume {0} is open read-only")]
     ReadOnly(String),
+    /// The write lease ran out before the control plane renewed it (it is
+    /// unreachable): writes wait for it, so a writer cut off from the
+    /// control plane stops before another may be given the volume.
+    #[error("volume {0}: the write lease expired (the control plane has not renewed it); writes resume once it does")]
+    LeaseExpired(String),
     #[error("volume {volume}: fenced: another writer opened it after us (our epoch {epoch})")]
     Fenced { volume: String, epoch: u64 },
     #[error("volume {volume}: {source}")]
@@ -193,6 +198,7 @@ impl Cluster {
             client: self.0.options.client_name.clone(),
             force: mode == OpenMode::ReadWrite { force: true },
         };
+        let asked = Instant::now();
         let opened = self
             .0
             .control
@@ -218,6 +224,7 @@ impl Cluster {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             lease: Mutex::new(None),
+            lease_until: Mutex::new(lease_end(asked, opened.lease_ms)),
         });
         if inner.writable {
             let every = Duration::from_millis((opened.lease_ms / 3).max(100));
@@ -280,6 +287,15 @@ struct VolumeInner {
     fenced: AtomicBool,
     page_locks: Vec<tokio::sync::Mutex<()>>,
     lease: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Until when our write lease surely runs, by our clock.
+    lease_until: Mutex<Instant>,
+}
+
+/// The end of a lease of `lease_ms` asked for at `asked`: counted from the
+/// asking (the control plane counts from later) and cut by a tenth for
+/// clocks that run at different rates.
+fn lease_end(asked: Instant, lease_ms: u64) -> Instant {
+    asked + Duration::from_millis(lease_ms - lease_ms / 10)
 }
 
 /// An open volume. Cheap to clone; IO from many tasks at once is fine.
@@ -329,17 +345,24 @@ async fn keep_lease(volume: Weak<VolumeInner>, every: Duration) {
             name: v.name.clone(),
             epoch: v.epoch,
         };
+        let asked = Instant::now();
+        // Retried no longer than until the next round: an answer after a
+        // long outage would date from too long ago to extend anything.
         let refreshed = v
             .cluster
             .0
             .control
+            .clone()
+            .retry_for(every)
             .call("refreshing the write lease", |mut c| {
                 let r = request.clone();
                 async move { c.refresh_lease(r).await }
             })
             .await;
         match refreshed {
-            Ok(_) => {}
+            Ok(answer) => {
+                *v.lease_until.lock().expect("lease lock") = lease_end(asked, answer.lease_ms);
+            }
             Err(e) if e.code() == tonic::Code::FailedPrecondition => {
                 tracing::warn!(volume = %v.name, "{e}: this writer is fenced");
                 v.fenced.store(true, Ordering::Release);
@@ -383,6 +406,9 @@ impl Volume {
         }
         if write && v.fenced.load(Ordering::Acquire) {
             return Err(self.fenced());
+        }
+        if write && Instant::now() >= *v.lease_until.lock().expect("lease lock") {
+            return Err(VolumeError::LeaseExpired(v.name.clone()));
         }
         Ok(())
     }

@@ -24,9 +24,18 @@ struct Setup {
 
 /// Control + three chunkservers, healthy, and a volume `name` of `size`.
 async fn setup(name: &str, size: u64) -> Setup {
+    setup_with(name, size, |_| {}).await
+}
+
+async fn setup_with(
+    name: &str,
+    size: u64,
+    tune: impl FnOnce(&mut quiver_control::ControlConfig),
+) -> Setup {
     let root = tempfile::tempdir().unwrap();
     let control = Control::start(root.path(), "control-1", TOKEN, |c| {
         c.pools[0].copysets = 4;
+        tune(c);
     });
     let tuning = Tuning {
         control: vec![control.addr.to_string()],
@@ -295,4 +304,38 @@ async fn io_continues_through_leader_changes_and_a_killed_chunkserver() {
             "page at {offset}"
         );
     }
+}
+
+/// A writer cut off from the control plane stops writing once its lease
+/// runs out (another client could be given the volume then), and goes on
+/// when the control plane is back and renews it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_stops_when_its_lease_cannot_be_renewed() {
+    let mut s = setup_with("leased", GIB, |c| c.cluster.write_lease_ms = 1500).await;
+    let v = s
+        .cluster
+        .open("leased", OpenMode::ReadWrite { force: false })
+        .await
+        .unwrap();
+    v.write_at(0, &[1; 4096]).await.unwrap();
+    s.control.kill();
+    let killed = Instant::now();
+    let stopped = eventually("writes refused", Duration::from_secs(10), || async {
+        match v.write_at(4096, &[2; 4096]).await {
+            Err(VolumeError::LeaseExpired(_)) => Some(killed.elapsed()),
+            _ => None,
+        }
+    })
+    .await;
+    eprintln!("writes stopped {stopped:?} after the control plane went");
+    assert!(stopped <= Duration::from_millis(1500), "{stopped:?}");
+    // Reads go on: they need no lease.
+    let mut got = vec![0u8; 4096];
+    v.read_at(0, &mut got).await.unwrap();
+    assert!(got.iter().all(|b| *b == 1));
+    s.control.start_again();
+    eventually("writes resume", Duration::from_secs(30), || async {
+        v.write_at(8192, &[3; 4096]).await.ok()
+    })
+    .await;
 }
