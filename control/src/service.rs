@@ -83,8 +83,8 @@ struct LeaderState {
     since: Instant,
     /// Chunkserver → last heartbeat.
     seen: HashMap<u64, Instant>,
-    /// Chunkserver → (capacity, used) bytes.
-    usage: HashMap<u64, (u64, u64)>,
+    /// Chunkserver → (capacity, used) bytes and the file system they are of.
+    usage: HashMap<u64, (u64, u64, String)>,
     /// Copyset → (leader, term), as reported.
     leaders: HashMap<u32, (u64, u64)>,
     /// Chunkserver → copysets it reported hosting.
@@ -581,8 +581,7 @@ impl<S: MetaStore> ControlNode<S> {
                 let (capacity, used) = state
                     .usage
                     .get(&c.id)
-                    .copied()
-                    .unwrap_or((c.capacity_bytes, 0));
+                    .map_or((c.capacity_bytes, 0), |(c, u, _)| (*c, *u));
                 proto::ChunkserverInfo {
                     id: c.id,
                     addr: c.addr.clone(),
@@ -658,22 +657,25 @@ impl<S: MetaStore> ControlNode<S> {
                     .map(|r| r.segment_size)
             })
             .sum();
+        // Capacity by file system: chunkservers sharing a disk count it once.
+        let mut disks: HashMap<String, (u64, u64)> = HashMap::new();
+        for c in chunkservers.iter().filter(|c| c.online) {
+            let key = state
+                .usage
+                .get(&c.id)
+                .map(|(_, _, fs)| fs.clone())
+                .filter(|fs| !fs.is_empty())
+                .unwrap_or_else(|| format!("chunkserver {}", c.id));
+            disks.insert(key, (c.capacity_bytes, c.used_bytes));
+        }
         proto::ClusterStatus {
             health: health.into(),
             notes,
             leader_name: self.0.me.name.clone(),
             leader_addr: self.0.me.addr.clone(),
             store: self.0.store.kind().into(),
-            capacity_bytes: chunkservers
-                .iter()
-                .filter(|c| c.online)
-                .map(|c| c.capacity_bytes)
-                .sum(),
-            used_bytes: chunkservers
-                .iter()
-                .filter(|c| c.online)
-                .map(|c| c.used_bytes)
-                .sum(),
+            capacity_bytes: disks.values().map(|(c, _)| c).sum(),
+            used_bytes: disks.values().map(|(_, u)| u).sum(),
             chunkservers,
             copysets_healthy: counts[0],
             copysets_degraded: counts[1],
@@ -795,7 +797,10 @@ impl<S: MetaStore> proto::control_server::Control for ControlNode<S> {
         }
         let now = Instant::now();
         state.seen.insert(cs, now);
-        state.usage.insert(cs, (hb.capacity_bytes, hb.used_bytes));
+        state.usage.insert(
+            cs,
+            (hb.capacity_bytes, hb.used_bytes, hb.filesystem.clone()),
+        );
         state
             .hosted
             .insert(cs, hb.copysets.iter().map(|r| r.copyset).collect());

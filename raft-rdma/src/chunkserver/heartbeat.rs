@@ -29,20 +29,21 @@ pub(super) struct Reporter {
     deleted: Arc<Mutex<Vec<proto::ChunkLocation>>>,
 }
 
-/// Bytes of the file system holding `path`: (capacity, used).
-fn disk_usage(path: &std::path::Path) -> (u64, u64) {
+/// The file system holding `path`: (capacity, used) bytes and its id.
+fn disk_usage(path: &std::path::Path) -> (u64, u64, u64) {
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return (0, 0);
+        return (0, 0, 0);
     };
     // SAFETY: statvfs fills the struct we own from a NUL-terminated path.
     unsafe {
         let mut s: libc::statvfs = std::mem::zeroed();
         if libc::statvfs(c_path.as_ptr(), &mut s) != 0 {
-            return (0, 0);
+            return (0, 0, 0);
         }
         let unit = s.f_frsize;
         let total = s.f_blocks * unit;
-        (total, total - s.f_bavail.min(s.f_blocks) * unit)
+        // Used as df counts it: blocks not free.
+        (total, total - s.f_bfree.min(s.f_blocks) * unit, s.f_fsid)
     }
 }
 
@@ -149,7 +150,7 @@ impl Reporter {
 
     fn report(&self, server: &Chunkserver) -> proto::HeartbeatRequest {
         let status = server.status();
-        let (capacity_bytes, used_bytes) = disk_usage(&server.0.config.data_dir);
+        let (capacity_bytes, used_bytes, fsid) = disk_usage(&server.0.config.data_dir);
         proto::HeartbeatRequest {
             // Lost if this heartbeat fails: the control plane then sends the
             // chunks again, and deleting a deleted chunk succeeds.
@@ -158,6 +159,7 @@ impl Reporter {
             addr: self.register.addr.clone(),
             capacity_bytes,
             used_bytes,
+            filesystem: format!("{}/{fsid:x}", self.register.server),
             copysets: status
                 .copysets
                 .iter()
