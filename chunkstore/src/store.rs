@@ -683,10 +683,19 @@ impl ChunkStore {
             pending: 0,
             error: None,
         };
-        let index = self
-            .free_ops
-            .pop()
-            .ok_or(StoreError::Busy(self.config.ops_max))?;
+        // A full op table holds operations in flight: wait for one to
+        // finish (its completion stays queued for `poll`) rather than fail
+        // a caller that submits faster than the disk completes.
+        let index = loop {
+            if let Some(index) = self.free_ops.pop() {
+                break index;
+            }
+            if self.ring.in_flight() == 0 {
+                return Err(StoreError::Busy(self.config.ops_max));
+            }
+            self.ring.submit_and_wait(1)?;
+            self.handle_cqes();
+        };
         self.ops[index] = Some(op);
         let chunk = self.chunks.get_mut(&key).expect("checked by the caller");
         chunk.waiting.push_back(index);

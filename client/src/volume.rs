@@ -72,6 +72,15 @@ pub enum VolumeError {
     },
     #[error("volume {volume}: the control plane names copyset {copyset}, which it does not list")]
     UnknownCopyset { volume: String, copyset: u32 },
+    #[error("volume {volume}: the control plane gave segments of {segment_size} bytes, not a positive multiple of the chunk size")]
+    BadSegmentSize { volume: String, segment_size: u64 },
+    #[error("volume {volume}: segment {index} came with {chunks} chunks, not {expected}")]
+    BadSegment {
+        volume: String,
+        index: u64,
+        chunks: usize,
+        expected: u64,
+    },
     #[error("starting the fabric client: {0}")]
     Fabric(String),
 }
@@ -209,6 +218,12 @@ impl Cluster {
             .await
             .map_err(control_error)?;
         let v = opened.volume.unwrap_or_default();
+        if v.segment_size == 0 || !v.segment_size.is_multiple_of(CHUNK_BYTES) {
+            return Err(VolumeError::BadSegmentSize {
+                volume: name.to_owned(),
+                segment_size: v.segment_size,
+            });
+        }
         self.refresh_copysets(name).await?;
         let inner = Arc::new(VolumeInner {
             cluster: self.clone(),
@@ -468,6 +483,17 @@ impl Volume {
                 .insert(index, Instant::now());
             return Ok(None);
         }
+        // The control plane's answer is checked where it enters: a segment
+        // has one chunk per 16 MiB, so every offset in it finds its chunk.
+        let expected = v.segment_size / CHUNK_BYTES;
+        if seg.chunks.len() as u64 != expected {
+            return Err(VolumeError::BadSegment {
+                volume: v.name.clone(),
+                index,
+                chunks: seg.chunks.len(),
+                expected,
+            });
+        }
         let map: SegmentMap = Arc::new(seg.chunks.iter().map(|c| (c.copyset, c.chunk)).collect());
         v.segments
             .lock()
@@ -485,7 +511,7 @@ impl Volume {
             return Ok(None);
         };
         let index = ((offset % v.segment_size) / CHUNK_BYTES) as usize;
-        Ok(map.get(index).copied())
+        Ok(Some(map[index]))
     }
 
     /// Runs one chunk request, refreshing the copyset map and retrying
@@ -577,10 +603,15 @@ impl Volume {
     }
 
     async fn write_piece(&self, piece: Piece, data: &[u8]) -> Result<(), VolumeError> {
-        let (copyset, chunk) = self
-            .locate(piece.offset, true)
-            .await?
-            .expect("an allocated segment has every chunk");
+        let Some((copyset, chunk)) = self.locate(piece.offset, true).await? else {
+            // The control plane answered an allocation with "not allocated".
+            return Err(VolumeError::BadSegment {
+                volume: self.0.name.clone(),
+                index: piece.offset / self.0.segment_size,
+                chunks: 0,
+                expected: self.0.segment_size / CHUNK_BYTES,
+            });
+        };
         let chunks = &self.0.cluster.0.chunks;
         let at = piece.offset % CHUNK_BYTES;
         let epoch = self.0.epoch;

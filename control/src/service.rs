@@ -374,6 +374,12 @@ impl<S: MetaStore> ControlNode<S> {
         }
     }
 
+    /// A volume as an RPC answers it, after a change.
+    async fn volume_reply(&self, v: &VolumeRecord) -> Reply<proto::Volume> {
+        self.with_state(|s| Ok(Response::new(self.volume_proto(v, &s.model))))
+            .await
+    }
+
     fn pool(&self, name: &str) -> Result<String, ControlError> {
         let pools = &self.0.config.pools;
         if name.is_empty() {
@@ -983,8 +989,7 @@ impl<S: MetaStore> proto::control_server::Control for ControlNode<S> {
             "volume {} created: {} bytes, owner {:?}",
             volume.name, volume.size, volume.owner
         );
-        self.with_state(|s| Ok(Response::new(self.volume_proto(&volume, &s.model))))
-            .await
+        self.volume_reply(&volume).await
     }
 
     async fn stat_volume(&self, req: Request<proto::VolumeRef>) -> Reply<proto::Volume> {
@@ -1030,8 +1035,7 @@ impl<S: MetaStore> proto::control_server::Control for ControlNode<S> {
             .change(|s| s.model.extend_volume(&r.name, r.new_size))
             .await?;
         info!("volume {} extended to {} bytes", v.name, v.size);
-        self.with_state(|s| Ok(Response::new(self.volume_proto(&v, &s.model))))
-            .await
+        self.volume_reply(&v).await
     }
 
     async fn rename_volume(
@@ -1043,8 +1047,7 @@ impl<S: MetaStore> proto::control_server::Control for ControlNode<S> {
             .change(|s| s.model.rename_volume(&r.name, &r.new_name))
             .await?;
         info!("volume {} renamed to {}", r.name, v.name);
-        self.with_state(|s| Ok(Response::new(self.volume_proto(&v, &s.model))))
-            .await
+        self.volume_reply(&v).await
     }
 
     async fn delete_volume(&self, req: Request<proto::VolumeRef>) -> Reply<proto::Volume> {
@@ -1053,8 +1056,7 @@ impl<S: MetaStore> proto::control_server::Control for ControlNode<S> {
             .change(|s| s.model.delete_volume(&name, unix_ms()))
             .await?;
         info!("volume {name} moved to the recycle bin");
-        self.with_state(|s| Ok(Response::new(self.volume_proto(&v, &s.model))))
-            .await
+        self.volume_reply(&v).await
     }
 
     async fn open_volume(

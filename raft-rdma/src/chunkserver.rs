@@ -513,32 +513,12 @@ impl Chunkserver {
                 }
                 let key = ChunkKey { copyset, chunk };
                 let disk = &self.0.disk;
-                let started = std::time::Instant::now();
-                loop {
-                    let read = {
-                        let mut store = disk.store();
-                        match store.read(key, offset, len as usize) {
-                            Ok(data) => {
-                                let data = data.to_vec();
-                                // Applied writes that finished meanwhile wait in the store.
-                                disk.reap(&mut store, None).map_err(chunk_error)?;
-                                Ok(data)
-                            }
-                            Err(e) => Err(e),
-                        }
-                    };
-                    match read {
-                        Ok(data) => return Ok(data),
-                        // The op table is full of applied writes in flight:
-                        // they finish in moments (the disk's driver moves them).
-                        Err(quiver_chunkstore::StoreError::Busy(_))
-                            if started.elapsed() < std::time::Duration::from_secs(5) =>
-                        {
-                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                        }
-                        Err(e) => return Err(chunk_error(e)),
-                    }
-                }
+                let mut store = disk.store();
+                let data = store.read(key, offset, len as usize).map_err(chunk_error)?;
+                let data = data.to_vec();
+                // Applied writes that finished meanwhile wait in the store.
+                disk.reap(&mut store, None).map_err(chunk_error)?;
+                Ok(data)
             }
             Request::Leader => {
                 let c = self.copyset(copyset)?;

@@ -357,22 +357,9 @@ impl ChunkMachine {
                     }
                 };
                 buf.copy_from_slice(data);
-                let buf = buf.freeze();
-                let submitted = loop {
-                    match store.submit_write(key, sn, offset, buf.clone(), false, token) {
-                        // The store's op table is full of applied writes in
-                        // flight: wait for one to finish, then submit.
-                        Err(StoreError::Busy(_)) if store.in_flight() > 0 => {
-                            if let Some(done) = store.poll(true)? {
-                                if let Err(e) = done.result {
-                                    disk.fail(e.clone());
-                                    return Err(e);
-                                }
-                            }
-                        }
-                        other => break other.and_then(|()| disk.reap(store, Some(token))),
-                    }
-                };
+                let submitted = store
+                    .submit_write(key, sn, offset, buf.freeze(), false, token)
+                    .and_then(|()| disk.reap(store, Some(token)));
                 match submitted {
                     Ok(()) => Ok(Ok(())),
                     // Deterministic on every replica: an answer, not a failure.
