@@ -107,6 +107,9 @@ pub enum StoreError {
     /// Too many operations in flight (the store's op table is full).
     #[error("too many operations in flight ({0})")]
     Busy(usize),
+    /// Every registered file slot holds an open chunk or snapshot file.
+    #[error("too many open chunk and snapshot files: all {0} file slots are in use (raise open_files_max)")]
+    TooManyFiles(u32),
     /// The chunk is a clone whose source is gone.
     #[error("clone source of {0} is missing")]
     MissingSource(ChunkKey),

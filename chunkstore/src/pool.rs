@@ -178,6 +178,7 @@ fn write_formatted(path: &Path) -> Result<(), StoreError> {
     }
     file.sync_all()
         .map_err(|e| StoreError::io("fsync", path, &e))?;
+    crate::uring::drop_page_cache(&file, path);
     Ok(())
 }
 

@@ -345,7 +345,7 @@ impl ChunkStore {
         let slot = self
             .free_slots
             .pop()
-            .ok_or(StoreError::Busy(self.config.open_files_max as usize))?;
+            .ok_or(StoreError::TooManyFiles(self.config.open_files_max))?;
         use std::os::fd::AsRawFd;
         if let Err(e) = self.ring.set_file(slot, file.as_raw_fd()) {
             self.free_slots.push(slot);

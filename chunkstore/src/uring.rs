@@ -307,3 +307,18 @@ pub fn open_direct(
         other => other,
     }
 }
+
+/// Drops the (clean) page cache of a file written through it, such as a chunk
+/// file or log segment formatted with zeros and synced. Its later O_DIRECT
+/// writes then go straight to the device: io_uring's non-blocking attempt
+/// at an O_DIRECT write fails with EAGAIN over cached pages and hands the
+/// write to an io-wq thread (traced: about half of 4 KiB sync writes after
+/// a fresh format, 50-60 us each). Advice only: failure is logged.
+pub fn drop_page_cache(file: &std::fs::File, path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain advice call on a descriptor the caller owns.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        tracing::debug!(path = %path.display(), errno = rc, "posix_fadvise(DONTNEED) failed");
+    }
+}

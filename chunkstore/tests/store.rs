@@ -387,3 +387,61 @@ fn buffers_not_from_the_arena_are_refused() {
         .unwrap_err();
     assert_eq!(err, StoreError::Unregistered);
 }
+
+/// Pages of `path` in the page cache (mincore over a shared mapping).
+fn cached_pages(path: &std::path::Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a read-only shared mapping of a file we keep open; only its
+    // residency is asked, never its bytes.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap {}", path.display());
+    let pages = len.div_ceil(PAGE_BYTES);
+    let mut resident = vec![0u8; pages];
+    // SAFETY: `resident` has one byte per page of the mapping.
+    let rc = unsafe { libc::mincore(addr, len, resident.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore {}", path.display());
+    // SAFETY: unmapping exactly what was mapped.
+    unsafe { libc::munmap(addr, len) };
+    resident.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+#[test]
+fn formatted_pool_files_leave_nothing_in_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: statfs into a zeroed struct, on a NUL-terminated path.
+    let fs_type = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(libc::statfs(path.as_ptr(), &mut st), 0);
+        st.f_type
+    };
+    if fs_type == libc::TMPFS_MAGIC {
+        eprintln!(
+            "skipped: {} is tmpfs, where the page cache is the file",
+            dir.path().display()
+        );
+        return;
+    }
+    let store = open(dir.path(), 2);
+    drop(store);
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir.path().join("pool")).unwrap() {
+        let path = entry.unwrap().path();
+        // Cached pages would make each O_DIRECT write's non-blocking attempt
+        // fail and go to an io-wq thread.
+        assert_eq!(cached_pages(&path), 0, "{} is cached", path.display());
+        files += 1;
+    }
+    assert_eq!(files, 2);
+}

@@ -221,15 +221,17 @@ impl StoreBench {
         let chunks = usize::try_from(w.chunks()).context("too many chunks")?;
         // A store left by `--keep` may hold some of our chunks already: learn
         // which, so the pool formats only what is missing.
-        let existing = existing_chunks(dir, w)?;
+        let (existing, files_on_disk) = existing_chunks(dir, w)?;
         let missing = (0..w.chunks())
             .filter(|c| !existing.contains(&key(*c)))
             .count();
-        let arena = bench_arena(w, chunks.max(existing.len()) + 1)?;
+        // Every file there is opened, ours or not.
+        let open = chunks.max(files_on_disk);
+        let arena = bench_arena(w, open + 1)?;
         let mut config = StoreConfig::new(dir);
         config.pool_files = missing + POOL_SPARE;
         config.pool_low_water = 1;
-        config.open_files_max = open_files(chunks.max(existing.len()))?;
+        config.open_files_max = open_files(open)?;
         config.ops_max = w.iodepth.max(LAYOUT_DEPTH) + SLACK;
         let mut formatting: Option<Progress> = None;
         let mut store = ChunkStore::open_with_progress(config, arena, |done, total| {
@@ -434,11 +436,12 @@ impl StoreBench {
 }
 
 /// Our chunks a store in `dir` already holds (from a `--keep` run), found by
-/// opening it without formatting. Nothing to find when `dir` has no store.
-fn existing_chunks(dir: &Path, w: &Workload) -> anyhow::Result<Vec<ChunkKey>> {
+/// opening it without formatting, and how many chunk and snapshot files it
+/// holds in all. Nothing to find when `dir` has no store.
+fn existing_chunks(dir: &Path, w: &Workload) -> anyhow::Result<(Vec<ChunkKey>, usize)> {
     let chunks_dir = dir.join("chunks");
     if !chunks_dir.exists() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     // Every open chunk file holds a checksum buffer: size the arena by the
     // files there, whatever they are.
@@ -455,11 +458,12 @@ fn existing_chunks(dir: &Path, w: &Workload) -> anyhow::Result<Vec<ChunkKey>> {
     let store = ChunkStore::open(config, bench_arena(&probe, files + 1)?)
         .with_context(|| format!("opening the existing chunk store in {}", dir.display()))?;
     let ours = (0..w.chunks()).map(key).collect::<Vec<_>>();
-    Ok(store
+    let mine = store
         .list()
         .into_iter()
         .filter(|k| ours.binary_search(k).is_ok())
-        .collect())
+        .collect();
+    Ok((mine, files))
 }
 
 /// Regular files under `dir`, at most `depth` levels down.

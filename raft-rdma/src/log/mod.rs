@@ -898,7 +898,6 @@ fn zero_fill(path: &Path, bytes: u64) -> Result<(), LogError> {
         left -= n as u64;
     }
     file.sync_data().map_err(io_error("syncing", path))?;
-    // SAFETY: fadvise on a descriptor we own, with integer arguments.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    quiver_chunkstore::uring::drop_page_cache(&file, path);
     Ok(())
 }
