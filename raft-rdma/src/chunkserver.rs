@@ -115,11 +115,12 @@ pub struct ChunkserverConfig {
     /// reads): a quarter in 4 KiB buffers, a quarter in 64 KiB, half in 1 MiB.
     #[serde(default = "default_arena_mib")]
     pub arena_mib: usize,
-    /// Microseconds the fabric thread polls after work before it sleeps
-    /// (it adapts up to 16x this). Spinning buys latency with a core: on a
-    /// machine with fewer cores than busy threads it costs more than it
-    /// buys (measured: 4 processes on 2 cores, 200 us made 3-replica writes
-    /// 5x slower), so the default is 0; give it cores before a spin.
+    /// Microseconds the fabric thread (it adapts up to 16x this) and the
+    /// log writer poll after work before they sleep. Spinning buys latency
+    /// with a core: on a machine with fewer cores than busy threads it costs
+    /// more than it buys (measured: 4 processes on 2 cores, a 200 us fabric
+    /// spin made 3-replica writes 5x slower), so the default is 0; give it
+    /// cores before a spin.
     #[serde(default)]
     pub spin_us: u64,
     #[serde(default)]
@@ -332,6 +333,7 @@ impl Chunkserver {
         );
         let log_config = LogConfig {
             segment_bytes: config.log_segment_mib << 20,
+            writer_spin: std::time::Duration::from_micros(config.spin_us),
             ..LogConfig::new(dir.join("log"))
         };
         let engine = Arc::new(LogEngine::open(log_config).context("opening the Raft log")?);

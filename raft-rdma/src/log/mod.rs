@@ -42,6 +42,12 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Bytes one write carries at most (a batch larger than this is split).
     pub write_bytes_max: usize,
+    /// How long the writer thread polls for the next request before it
+    /// sleeps. A Raft group at queue depth 1 sends its next append soon
+    /// after the last became durable, and a sleeping thread pays a wake-up
+    /// (~60 us on an idle vCPU here); but a polling thread holds a core that
+    /// other threads may be waiting for.
+    pub writer_spin: std::time::Duration,
 }
 
 impl LogConfig {
@@ -50,6 +56,7 @@ impl LogConfig {
             dir: dir.into(),
             segment_bytes: 64 << 20,
             write_bytes_max: 4 << 20,
+            writer_spin: std::time::Duration::from_micros(100),
         }
     }
 }
@@ -588,7 +595,7 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut stop = false;
         while !stop {
-            let Some(first) = next_request(&rx) else {
+            let Some(first) = next_request(&rx, self.config.writer_spin) else {
                 break;
             };
             let mut batch = Vec::new();
@@ -831,16 +838,10 @@ impl Writer {
     }
 }
 
-/// How long the writer polls for the next request before it sleeps: a
-/// Raft group at queue depth 1 sends its next append soon after the last one
-/// became durable, and a sleeping thread's wake-up (~60 us on an idle vCPU
-/// here) would be paid on every append.
-const WRITER_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
-
-/// The next request: polled for a moment, then waited for. None when every
+/// The next request: polled for `spin`, then waited for. None when every
 /// sender is gone.
-fn next_request(rx: &mpsc::Receiver<Op>) -> Option<Op> {
-    let spin_until = std::time::Instant::now() + WRITER_SPIN;
+fn next_request(rx: &mpsc::Receiver<Op>, spin: std::time::Duration) -> Option<Op> {
+    let spin_until = std::time::Instant::now() + spin;
     loop {
         match rx.try_recv() {
             Ok(op) => return Some(op),
