@@ -312,12 +312,14 @@ async fn bad_requests_get_typed_errors() {
             leader_addr: Some(leader_addr.to_string())
         }
     );
-    // Creating it again with other members is refused; the same is a no-op.
+    // Bootstrapping it again with other members is refused; a join with
+    // other members (a retried membership change: the leader's log decides)
+    // and the same spec are no-ops.
     let mut other = peers(&servers);
     other.insert(9, "127.0.0.1:1".into());
     let spec = service::CopysetSpec {
-        peers: other,
-        bootstrap: false,
+        peers: other.clone(),
+        bootstrap: true,
     };
     let e = refused(
         client
@@ -330,6 +332,19 @@ async fn bad_requests_get_typed_errors() {
             .await,
     );
     assert_eq!(e, ChunkError::CopysetExists(COPYSET));
+    let join = service::CopysetSpec {
+        peers: other,
+        bootstrap: false,
+    };
+    client
+        .call(
+            addrs[0],
+            COPYSET,
+            service::KIND_CREATE_COPYSET,
+            serde_json::to_vec(&join).unwrap(),
+        )
+        .await
+        .unwrap();
     client
         .create_copyset(COPYSET, &peers(&servers))
         .await

@@ -834,7 +834,12 @@ impl Chunkserver {
     pub async fn create_copyset(&self, id: u32, spec: CopysetSpec) -> Result<(), ChunkError> {
         let _one_at_a_time = self.0.creating.lock().await;
         if let Ok(existing) = self.copyset(id) {
-            return if existing.spec.peers == spec.peers {
+            // The same request again, or a join (not bootstrap) to a copyset
+            // this server holds already: an earlier attempt made it, and the
+            // leader's log, not the spec, says who its members are. (A join
+            // retried after the leader's membership moved has other peers in
+            // its spec; refusing it stalled re-replication for good.)
+            return if existing.spec.peers == spec.peers || !spec.bootstrap {
                 Ok(())
             } else {
                 Err(ChunkError::CopysetExists(id))
