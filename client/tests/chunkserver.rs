@@ -498,3 +498,52 @@ async fn a_fourth_server_replaces_a_member() {
         "{err}"
     );
 }
+
+/// Entries stay in memory until purged, and openraft's snapshot policy
+/// counts entries whatever their size: a copyset whose log outgrows
+/// `log_mem_mib` snapshots and purges on every member, and the data stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_over_its_memory_limit_is_snapshotted_and_purged() {
+    let root = tempfile::tempdir().unwrap();
+    let tuning = Tuning {
+        log_mem_mib: 1,
+        ..Tuning::default()
+    };
+    let (servers, client) = cluster(root.path(), &tuning).await;
+    let addrs = addrs(&servers);
+    const BIG: usize = 64 << 10;
+    let writes = 48u64; // 3 MiB: three times the limit
+    for i in 0..writes {
+        let data: Vec<u8> = (0..BIG).map(|b| (b as u64 ^ i) as u8).collect();
+        client
+            .write(&addrs, COPYSET, i % 4, (i / 4) * BIG as u64, 0, &data)
+            .await
+            .unwrap_or_else(|e| panic!("write {i}: {e}"));
+    }
+    let limit = 1u64 << 20;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in &servers {
+        loop {
+            let st = client.status(s.addr).await.unwrap();
+            let c = &st.copysets[0];
+            if c.snapshot.is_some() && c.log_bytes <= limit + BIG as u64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} holds {} bytes of log (limit {limit}): {c:?}",
+                s.node,
+                c.log_bytes
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for i in 0..writes {
+        let want: Vec<u8> = (0..BIG).map(|b| (b as u64 ^ i) as u8).collect();
+        let got = client
+            .read(&addrs, COPYSET, i % 4, (i / 4) * BIG as u64, BIG as u64)
+            .await
+            .unwrap_or_else(|e| panic!("read {i}: {e}"));
+        assert!(got[..] == want[..], "write {i} reads back different");
+    }
+}

@@ -49,6 +49,11 @@ pub struct RaftTuning {
     pub snapshot_every: u64,
     /// Entries kept in the log behind a snapshot (for slow followers).
     pub log_keep: u64,
+    /// A snapshot and a purge of everything it covers, too, once a
+    /// copyset's log holds this many MiB of entries: entries stay in memory
+    /// until purged, and `snapshot_every` counts entries whatever their size
+    /// (20 000 writes of 256 KiB would be 5 GiB).
+    pub log_mem_mib: u64,
 }
 
 impl Default for RaftTuning {
@@ -59,6 +64,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 1000,
             snapshot_every: 20_000,
             log_keep: 1_000,
+            log_mem_mib: 64,
         }
     }
 }
@@ -250,6 +256,64 @@ struct Copyset {
     /// Until when (and in which term) this leader may serve reads on its
     /// own: set from the moment it asked a quorum that then confirmed it.
     lease: Mutex<Option<(u64, std::time::Instant)>>,
+    /// Its log's group in the disk's log engine.
+    log: u64,
+    /// Snapshots and purges the log when it holds too much (stops with the copyset).
+    _log_pressure: AbortOnDrop,
+}
+
+/// A task that stops when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Waits for the copyset's log to outgrow its limit, then snapshots and
+/// purges everything the snapshot covers. Slow followers then catch up by
+/// snapshot rather than by log: bounded memory comes first.
+async fn relieve_log_pressure(
+    copyset: u32,
+    raft: Raft<TypeConfig>,
+    engine: Arc<LogEngine>,
+    group: u64,
+    pressure: Arc<crate::store::LogPressure>,
+) {
+    loop {
+        pressure.raised.notified().await;
+        let held = engine.bytes(group);
+        if held <= pressure.limit {
+            continue;
+        }
+        let mut metrics = raft.metrics();
+        let before = metrics.borrow().snapshot.map(|s| s.index);
+        tracing::info!(
+            copyset,
+            held,
+            limit = pressure.limit,
+            "log over its memory limit: snapshot and purge"
+        );
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        let built = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            metrics
+                .wait_for(|m| m.snapshot.map(|s| s.index) != before)
+                .await
+                .ok()
+                .and_then(|m| m.snapshot.map(|s| s.index))
+        })
+        .await;
+        let Ok(Some(upto)) = built else {
+            tracing::warn!(copyset, "no snapshot within 60 s to relieve the log");
+            continue;
+        };
+        if raft.trigger().purge_log(upto).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A running chunkserver.
@@ -954,14 +1018,16 @@ impl Chunkserver {
             Arc::clone(&self.0.fabric),
         )?;
         let group = u64::from(id);
+        let log = log_group(id, self.incarnation(id));
+        let pressure = Arc::new(crate::store::LogPressure {
+            limit: self.0.config.raft.log_mem_mib << 20,
+            raised: tokio::sync::Notify::new(),
+        });
         let raft = Raft::new(
             self.0.config.node_id,
             Arc::clone(&self.0.raft_config),
             Network::new(Arc::clone(&self.0.fabric), group),
-            LogStore::new(
-                Arc::clone(&self.0.engine),
-                log_group(id, self.incarnation(id)),
-            ),
+            LogStore::with_pressure(Arc::clone(&self.0.engine), log, Arc::clone(&pressure)),
             machine.clone(),
         )
         .await
@@ -982,6 +1048,7 @@ impl Chunkserver {
             .write()
             .expect("groups lock")
             .insert(group, raft.clone());
+        let raft_for_pressure = raft.clone();
         self.0.copysets.lock().expect("copysets lock").insert(
             id,
             Arc::new(Copyset {
@@ -990,6 +1057,14 @@ impl Chunkserver {
                 spec,
                 handing_to: Mutex::new(None),
                 lease: Mutex::new(None),
+                log,
+                _log_pressure: AbortOnDrop(tokio::spawn(relieve_log_pressure(
+                    id,
+                    raft_for_pressure,
+                    Arc::clone(&self.0.engine),
+                    log,
+                    pressure,
+                ))),
             }),
         );
         Ok(())
@@ -1020,6 +1095,7 @@ impl Chunkserver {
                     learners: m.membership_config.membership().learner_ids().collect(),
                     epoch: m.membership_config.log_id().map_or(0, |l| l.index + 1),
                     chunks: c.machine.chunks().len(),
+                    log_bytes: self.0.engine.bytes(c.log),
                 }
             })
             .collect();

@@ -164,6 +164,10 @@ pub struct CopysetStatus {
     #[serde(default)]
     pub epoch: u64,
     pub chunks: usize,
+    /// Payload bytes of the log entries this member holds (in memory until
+    /// purged; bounded by `log_mem_mib`).
+    #[serde(default)]
+    pub log_bytes: u64,
 }
 
 /// What `status` answers.

@@ -118,11 +118,37 @@ async fn durable(f: impl FnOnce(log::Durable) -> Result<(), LogError>) -> Result
 pub struct LogStore {
     engine: Arc<LogEngine>,
     group: u64,
+    pressure: Option<Arc<LogPressure>>,
+}
+
+/// Raised when a copyset's log holds more than `limit` bytes in memory:
+/// whoever waits on it snapshots and purges (openraft's own policy counts
+/// entries, whatever their size).
+pub struct LogPressure {
+    pub limit: u64,
+    pub raised: tokio::sync::Notify,
 }
 
 impl LogStore {
     pub fn new(engine: Arc<LogEngine>, group: u64) -> LogStore {
-        LogStore { engine, group }
+        LogStore {
+            engine,
+            group,
+            pressure: None,
+        }
+    }
+
+    /// The same, raising `pressure` when the log outgrows its limit.
+    pub fn with_pressure(
+        engine: Arc<LogEngine>,
+        group: u64,
+        pressure: Arc<LogPressure>,
+    ) -> LogStore {
+        LogStore {
+            engine,
+            group,
+            pressure: Some(pressure),
+        }
     }
 }
 
@@ -217,7 +243,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 entries,
                 Box::new(move |r| callback.log_io_completed(r.map_err(std::io::Error::other))),
             )
-            .map_err(write_error)
+            .map_err(write_error)?;
+        if let Some(p) = &self.pressure {
+            if self.engine.bytes(self.group) > p.limit {
+                p.raised.notify_one();
+            }
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogIdOf) -> Result<(), Error> {

@@ -73,6 +73,7 @@ impl Drop for Server {
 pub struct Tuning {
     pub snapshot_every: u64,
     pub log_keep: u64,
+    pub log_mem_mib: u64,
     pub pool_files: usize,
     /// Control plane endpoints and token (none: no control plane).
     pub control: Vec<String>,
@@ -82,6 +83,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Tuning {
         Tuning {
+            log_mem_mib: 64,
             snapshot_every: 20_000,
             log_keep: 1_000,
             pool_files: 4,
@@ -126,6 +128,7 @@ pub fn start_server(root: &Path, node: u64, tuning: &Tuning) -> Server {
         election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS,
         snapshot_every: tuning.snapshot_every,
         log_keep: tuning.log_keep,
+        log_mem_mib: tuning.log_mem_mib,
     };
     cs.control = tuning.control.clone();
     cs.token = tuning.token.clone();

@@ -13,9 +13,15 @@
 //! Recovery reads the segments in order and replays them; it stops at the
 //! first record that fails its checksum in the last segment (a torn batch:
 //! never acknowledged), cuts the file there and goes on appending; a bad
-//! record in an earlier segment is corruption and refuses to open. Each new
-//! segment starts with every group's vote, committed id and purge point, so an
-//! old segment can be deleted once every group has purged past its entries.
+//! record in an earlier segment (before its seal) is corruption and refuses
+//! to open. Each new segment starts with every group's vote, committed id and
+//! purge point, so an old segment can go once every group has purged past
+//! its entries. It is then kept for reuse (`log-<seq>.free`, at most
+//! [`FREE_SEGMENTS_MAX`]) rather than deleted: a new segment must be written
+//! through once before appends to it are cheap (see `create_segment`), and a
+//! reused file already is, so a roll costs a rename instead of a segment of
+//! zeros. Records carry their segment's sequence number in their checksum,
+//! so an old life's records read as the end of the data.
 
 pub mod record;
 
@@ -33,6 +39,9 @@ use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 
 pub use record::{LogId, Vote};
 use record::{Next, Record, PAGE_BYTES};
+
+/// Retired segment files kept for reuse; more are deleted.
+pub const FREE_SEGMENTS_MAX: usize = 2;
 
 /// Settings of a log engine.
 #[derive(Debug, Clone)]
@@ -120,6 +129,8 @@ pub type Durable = Box<dyn FnOnce(Result<(), LogError>) + Send>;
 #[derive(Default)]
 struct Group {
     entries: VecDeque<Entry>,
+    /// Payload bytes of `entries` (what the group holds in memory).
+    bytes: u64,
     purged: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
@@ -136,7 +147,7 @@ impl Group {
                 // Replay after a crash may meet an entry the log had already
                 // passed only through a truncate it holds: treat as overwrite.
                 self.truncate(id.index);
-                self.entries.push_back(Entry {
+                self.push(Entry {
                     id,
                     payload: payload.into(),
                 });
@@ -145,12 +156,19 @@ impl Group {
             Record::Purge { upto, .. } => self.purge(upto),
             Record::Vote { vote, .. } => self.vote = Some(vote),
             Record::Committed { id, .. } => self.committed = Some(id),
+            Record::Seal => {}
         }
+    }
+
+    fn push(&mut self, entry: Entry) {
+        self.bytes += entry.payload.len() as u64;
+        self.entries.push_back(entry);
     }
 
     fn truncate(&mut self, from: u64) {
         while self.entries.back().is_some_and(|e| e.id.index >= from) {
-            self.entries.pop_back();
+            let gone = self.entries.pop_back().expect("checked");
+            self.bytes -= gone.payload.len() as u64;
         }
     }
 
@@ -160,7 +178,8 @@ impl Group {
             .front()
             .is_some_and(|e| e.id.index <= upto.index)
         {
-            self.entries.pop_front();
+            let gone = self.entries.pop_front().expect("checked");
+            self.bytes -= gone.payload.len() as u64;
         }
         if self.purged.is_none_or(|p| p.index < upto.index) {
             self.purged = Some(upto);
@@ -204,6 +223,10 @@ struct Segment {
     path: PathBuf,
     /// Highest entry index per group in this segment.
     max_index: HashMap<u64, u64>,
+    /// Whether the file may be reused once retired: written through, at the
+    /// configured size, and holding only records that carry their segment's
+    /// number (format version 2).
+    reusable: bool,
 }
 
 /// Counters of a log engine, for metrics.
@@ -215,6 +238,10 @@ pub struct LogStats {
     pub syncs: u64,
     pub bytes_written: u64,
     pub segments_deleted: u64,
+    /// Retired segments kept as files for later segments.
+    pub segments_recycled: u64,
+    /// New segments made from a retired one (no zero fill).
+    pub segments_reused: u64,
 }
 
 struct Shared {
@@ -241,12 +268,24 @@ impl LogEngine {
         let mut groups: HashMap<u64, Group> = HashMap::new();
         let mut segments = Vec::new();
         let mut listed: BTreeMap<u64, PathBuf> = BTreeMap::new();
+        let mut free = Vec::new();
         for dirent in std::fs::read_dir(&config.dir).map_err(io_error("listing", &config.dir))? {
             let path = dirent.map_err(io_error("listing", &config.dir))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.starts_with("log-") && name.ends_with(".seg.tmp") {
                 // A spare segment being prepared when the process stopped.
                 std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+                continue;
+            }
+            if name.starts_with("log-") && name.ends_with(".free") {
+                let len = std::fs::metadata(&path)
+                    .map_err(io_error("reading the size of", &path))?
+                    .len();
+                if len == config.segment_bytes && free.len() < FREE_SEGMENTS_MAX {
+                    free.push(path);
+                } else {
+                    std::fs::remove_file(&path).map_err(io_error("removing", &path))?;
+                }
                 continue;
             }
             if let Some(seq) = name
@@ -259,16 +298,24 @@ impl LogEngine {
         }
         let count = listed.len();
         let mut tail = None;
+        let mut sealed = false;
         for (i, (seq, path)) in listed.into_iter().enumerate() {
             let bytes = std::fs::read(&path).map_err(io_error("reading", &path))?;
             let mut segment = Segment {
                 seq,
                 path: path.clone(),
                 max_index: HashMap::new(),
+                reusable: record::version_at_start(&bytes) == Some(record::VERSION)
+                    && bytes.len() as u64 == config.segment_bytes,
             };
             let mut offset = 0;
+            sealed = false;
             let end = loop {
-                match record::next(&bytes, offset) {
+                match record::next(&bytes, offset, seq) {
+                    Ok(Next::Record(Record::Seal, next)) => {
+                        sealed = true;
+                        break next;
+                    }
                     Ok(Next::Record(r, next)) => {
                         if let Record::Entry { group, id, .. } = r {
                             segment.max_index.insert(group, id.index);
@@ -279,7 +326,9 @@ impl LogEngine {
                     Ok(Next::Skip(to)) => offset = to,
                     Ok(Next::End) => break offset,
                     Err(e) if i + 1 == count => {
-                        tracing::warn!(path = %path.display(), error = %e, "log: a torn batch at the tail; cutting it off");
+                        // A torn batch, or (in a reused file) an earlier
+                        // life's records: either way the data ends here.
+                        tracing::info!(path = %path.display(), error = %e, "log: the last segment's data ends here");
                         break offset;
                     }
                     Err(record::RecordError::Bad { offset, what }) => {
@@ -292,13 +341,17 @@ impl LogEngine {
             }
             segments.push(segment);
         }
+        if sealed {
+            // Sealed, and the next segment never started: append in a new one.
+            tail = None;
+        }
         let shared = Arc::new(Mutex::new(Shared {
             groups,
             stats: LogStats::default(),
             failed: None,
             committed_unwritten: Vec::new(),
         }));
-        let writer = Writer::start(config, segments, tail, Arc::clone(&shared))?;
+        let writer = Writer::start(config, segments, tail, free, Arc::clone(&shared))?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("raft-log".into())
@@ -373,7 +426,9 @@ impl LogEngine {
                 });
             }
         }
-        g.entries.extend(entries.iter().cloned());
+        for e in &entries {
+            g.push(e.clone());
+        }
         drop(shared);
         records.extend(
             entries
@@ -448,6 +503,11 @@ impl LogEngine {
             })
     }
 
+    /// Payload bytes of the entries `group` holds (in memory, until purged).
+    pub fn bytes(&self, group: u64) -> u64 {
+        self.lock().groups.get(&group).map_or(0, |g| g.bytes)
+    }
+
     pub fn vote(&self, group: u64) -> Option<Vote> {
         self.lock().groups.get(&group).and_then(|g| g.vote)
     }
@@ -513,6 +573,8 @@ struct Writer {
     durable_purged: HashMap<u64, u64>,
     /// The next segment, being written with zeros on another thread.
     spare: Option<JoinHandle<Result<PathBuf, LogError>>>,
+    /// Retired segment files ready for reuse (`log-<seq>.free`).
+    free: Vec<PathBuf>,
     /// Completions taken from the ring (kept, so waiting allocates nothing).
     cqes: Vec<quiver_chunkstore::uring::Cqe>,
 }
@@ -522,6 +584,7 @@ impl Writer {
         config: LogConfig,
         mut segments: Vec<Segment>,
         tail: Option<u64>,
+        free: Vec<PathBuf>,
         shared: Arc<Mutex<Shared>>,
     ) -> Result<Writer, LogError> {
         let class = config.write_bytes_max.next_power_of_two().max(1 << 20);
@@ -536,7 +599,7 @@ impl Writer {
         let mut ring = Ring::new(8, 1)?;
         ring.register_arena(&arena)?;
         let (file, tail) = match (segments.last(), tail) {
-            (Some(last), Some(tail)) if tail + (PAGE_BYTES as u64) < config.segment_bytes => {
+            (Some(last), Some(tail)) if tail + 2 * (PAGE_BYTES as u64) <= config.segment_bytes => {
                 let file = open_segment(&last.path, false)?;
                 // Anything after the last good batch (a torn one) goes, so a
                 // later recovery cannot meet a stale record past the new tail.
@@ -545,6 +608,8 @@ impl Writer {
                 file.set_len(config.segment_bytes)
                     .map_err(io_error("extending", &last.path))?;
                 file.sync_all().map_err(io_error("syncing", &last.path))?;
+                // The cut leaves a hole after the tail: not worth reusing.
+                segments.last_mut().expect("the last segment").reusable = false;
                 (file, tail)
             }
             _ => {
@@ -555,6 +620,7 @@ impl Writer {
                     seq,
                     path,
                     max_index: HashMap::new(),
+                    reusable: true,
                 });
                 (file, 0)
             }
@@ -570,6 +636,7 @@ impl Writer {
             .collect();
         let mut writer = Writer {
             spare: None,
+            free,
             cqes: Vec::with_capacity(1),
             encoded_entries: Vec::new(),
             durable_purged,
@@ -582,7 +649,9 @@ impl Writer {
             arena,
             encoded: Vec::with_capacity(class),
         };
-        writer.prepare_spare();
+        if writer.free.is_empty() {
+            writer.prepare_spare();
+        }
         if writer.tail == 0 {
             // A fresh segment starts with every group's metadata.
             writer.encoded.clear();
@@ -664,13 +733,26 @@ impl Writer {
         }
     }
 
+    /// The sequence number of the segment being written.
+    fn seq(&self) -> u64 {
+        self.segments.last().expect("an open segment").seq
+    }
+
     /// Writes a batch of requests' records and syncs once.
     fn write_batch(&mut self, batch: &[(Vec<Owned>, Durable)]) -> Result<(), LogError> {
         self.encoded.clear();
         for (records, _) in batch {
             for r in records {
                 let record = r.record();
-                if self.encoded.len() + record.encoded_len() > self.config.write_bytes_max
+                let len = record.encoded_len();
+                if !self.fits(self.encoded.len() + len) {
+                    // Records carry their segment's number: what is encoded
+                    // goes to this segment, the record to the next.
+                    self.write_encoded()?;
+                    self.encoded.clear();
+                    self.roll()?;
+                }
+                if self.encoded.len() + len > self.config.write_bytes_max
                     && !self.encoded.is_empty()
                 {
                     self.write_encoded()?;
@@ -679,7 +761,8 @@ impl Writer {
                 if let Record::Entry { group, id, .. } = record {
                     self.encoded_entries.push((group, id.index));
                 }
-                record.encode(&mut self.encoded);
+                let seq = self.seq();
+                record.encode(&mut self.encoded, seq);
             }
         }
         self.write_encoded()?;
@@ -696,14 +779,20 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends the encoded bytes, padded to a page, at the tail (rolling to a
-    /// new segment when they do not fit). Not yet synced.
+    /// Whether `bytes` more fit in the open segment, leaving its last page
+    /// for the seal. A fresh segment takes anything (it grows for a record
+    /// larger than a segment).
+    fn fits(&self, bytes: usize) -> bool {
+        self.tail == 0
+            || self.tail + (bytes.next_multiple_of(PAGE_BYTES) + PAGE_BYTES) as u64
+                <= self.config.segment_bytes
+    }
+
+    /// Appends the encoded bytes, padded to a page, at the tail. Not yet synced.
     fn write_encoded(&mut self) -> Result<(), LogError> {
-        let padded = self.encoded.len().next_multiple_of(PAGE_BYTES);
-        if self.tail + padded as u64 > self.config.segment_bytes && self.tail > 0 {
-            self.roll()?;
+        if self.encoded.is_empty() {
+            return Ok(());
         }
-        // A roll put the metadata in front: pad for what is there now.
         let padded = self.encoded.len().next_multiple_of(PAGE_BYTES);
         let mut buf = self
             .arena
@@ -749,28 +838,52 @@ impl Writer {
         }
     }
 
-    /// Starts a new segment (synced), beginning with every group's metadata.
+    /// Seals the open segment (synced) and starts a new one, beginning with
+    /// every group's metadata (left in `encoded`, which must be empty).
     fn roll(&mut self) -> Result<(), LogError> {
+        debug_assert!(self.encoded.is_empty());
+        let seq = self.seq();
+        Record::Seal.encode(&mut self.encoded, seq);
+        self.write_encoded()?;
+        self.encoded.clear();
         self.ring.fdatasync(0, 1)?;
         self.wait("fdatasync")?;
-        let seq = self.segments.last().map_or(1, |s| s.seq + 1);
+        let seq = seq + 1;
         let path = self.config.dir.join(format!("log-{seq:016}.seg"));
-        self.file = match self.spare.take().map(|h| h.join()) {
-            Some(Ok(Ok(spare))) => {
-                std::fs::rename(&spare, &path).map_err(io_error("renaming", &spare))?;
-                File::open(&self.config.dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_error("syncing the directory of", &path))?;
-                open_segment(&path, false)?
-            }
-            other => {
-                if let Some(Ok(Err(e))) = other {
-                    tracing::warn!(error = %e, "preparing a spare log segment failed; creating it now");
+        let sync_dir = |path: &Path| {
+            File::open(&self.config.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_error("syncing the directory of", path))
+        };
+        self.file = if let Some(free) = self.free.pop() {
+            // A retired segment: written through already, and its old
+            // records fail their checksums under the new number.
+            std::fs::rename(&free, &path).map_err(io_error("renaming", &free))?;
+            sync_dir(&path)?;
+            self.shared
+                .lock()
+                .expect("log state lock")
+                .stats
+                .segments_reused += 1;
+            open_segment(&path, false)?
+        } else {
+            match self.spare.take().map(|h| h.join()) {
+                Some(Ok(Ok(spare))) => {
+                    std::fs::rename(&spare, &path).map_err(io_error("renaming", &spare))?;
+                    sync_dir(&path)?;
+                    open_segment(&path, false)?
                 }
-                create_segment(&path, self.config.segment_bytes, &self.config.dir)?
+                other => {
+                    if let Some(Ok(Err(e))) = other {
+                        tracing::warn!(error = %e, "preparing a spare log segment failed; creating it now");
+                    }
+                    create_segment(&path, self.config.segment_bytes, &self.config.dir)?
+                }
             }
         };
-        self.prepare_spare();
+        if self.free.is_empty() && self.spare.is_none() {
+            self.prepare_spare();
+        }
         self.ring
             .set_file(0, self.file.as_raw_fd())
             .map_err(io_error("registering", &path))?;
@@ -778,12 +891,10 @@ impl Writer {
             seq,
             path,
             max_index: HashMap::new(),
+            reusable: true,
         });
         self.tail = 0;
-        let pending = std::mem::take(&mut self.encoded);
         self.encode_metadata();
-        // The metadata goes first in the new segment, then what was pending.
-        self.encoded.extend_from_slice(&pending);
         Ok(())
     }
 
@@ -800,16 +911,17 @@ impl Writer {
     }
 
     fn encode_metadata(&mut self) {
+        let seq = self.seq();
         let shared = self.shared.lock().expect("log state lock");
         for (&group, g) in &shared.groups {
             if let Some(vote) = g.vote {
-                Record::Vote { group, vote }.encode(&mut self.encoded);
+                Record::Vote { group, vote }.encode(&mut self.encoded, seq);
             }
             if let Some(id) = g.committed {
-                Record::Committed { group, id }.encode(&mut self.encoded);
+                Record::Committed { group, id }.encode(&mut self.encoded, seq);
             }
             if let Some(upto) = g.purged {
-                Record::Purge { group, upto }.encode(&mut self.encoded);
+                Record::Purge { group, upto }.encode(&mut self.encoded, seq);
             }
         }
     }
@@ -825,14 +937,26 @@ impl Writer {
             if !obsolete {
                 break;
             }
-            std::fs::remove_file(&oldest.path).map_err(io_error("deleting", &oldest.path))?;
-            tracing::debug!(path = %oldest.path.display(), "log segment deleted");
+            if oldest.reusable && self.free.len() < FREE_SEGMENTS_MAX {
+                let free = oldest.path.with_extension("free");
+                std::fs::rename(&oldest.path, &free).map_err(io_error("retiring", &oldest.path))?;
+                tracing::debug!(path = %free.display(), "log segment kept for reuse");
+                self.free.push(free);
+                self.shared
+                    .lock()
+                    .expect("log state lock")
+                    .stats
+                    .segments_recycled += 1;
+            } else {
+                std::fs::remove_file(&oldest.path).map_err(io_error("deleting", &oldest.path))?;
+                tracing::debug!(path = %oldest.path.display(), "log segment deleted");
+                self.shared
+                    .lock()
+                    .expect("log state lock")
+                    .stats
+                    .segments_deleted += 1;
+            }
             self.segments.remove(0);
-            self.shared
-                .lock()
-                .expect("log state lock")
-                .stats
-                .segments_deleted += 1;
         }
         Ok(())
     }

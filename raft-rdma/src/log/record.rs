@@ -1,4 +1,5 @@
-//! The log's on-disk record (format version 1), as pure encode/decode.
+//! The log's on-disk record (format version 2; version 1 is still read), as
+//! pure encode/decode.
 //!
 //! A segment is a sequence of batches; each batch starts on a 4 KiB boundary
 //! (the log writes with O_DIRECT) and is a run of records followed by zeros up
@@ -8,19 +9,26 @@
 //! | bytes | field |
 //! |---|---|
 //! | 0..4 | magic `QLOG` |
-//! | 4 | version (1) |
-//! | 5 | kind: 1 entry, 2 truncate, 3 purge, 4 vote, 5 committed |
+//! | 4 | version (2; 1 in logs written before segments were reused) |
+//! | 5 | kind: 1 entry, 2 truncate, 3 purge, 4 vote, 5 committed, 6 seal |
 //! | 6..8 | zero |
 //! | 8..16 | group (copyset id) |
 //! | 16..24 | index (entry, truncate from, purge up to, committed index; vote: term) |
 //! | 24..32 | term (vote: voted-for node) |
 //! | 32..40 | leader node of the log id (vote: 1 if committed) |
 //! | 40..44 | payload length |
-//! | 44..48 | crc32c of bytes 0..44 and the payload |
+//! | 44..48 | crc32c of the segment's sequence number (u64 LE; version 1: nothing), bytes 0..44 and the payload |
+//!
+//! Segment files are reused once every group has purged their entries, so a
+//! segment's bytes after its last batch may be records of an earlier life of
+//! the file. The sequence number in the checksum makes those fail: a reader
+//! takes them for the end of the data, like a torn batch. A seal record ends
+//! every segment but the newest (written before the next one starts).
 //!
 //! A reader at a zero magic skips to the next 4 KiB boundary; a zero magic on
 //! a boundary ends the segment (no batch starts there). A record whose
-//! checksum fails is where a torn batch begins: recovery stops there.
+//! checksum fails is where a torn batch (or an earlier life) begins: recovery
+//! stops there.
 
 /// Bytes of a record header.
 pub const HEADER_BYTES: usize = 48;
@@ -29,7 +37,10 @@ pub const PAGE_BYTES: usize = 4096;
 /// Largest payload of one record.
 pub const PAYLOAD_BYTES_MAX: usize = 64 << 20;
 const MAGIC: [u8; 4] = *b"QLOG";
-const VERSION: u8 = 1;
+/// The version written.
+pub const VERSION: u8 = 2;
+/// The version before segments were reused (no sequence number in the checksum).
+const VERSION_1: u8 = 1;
 
 /// A Raft log id: (term, leader node, index).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -73,6 +84,8 @@ pub enum Record<'a> {
         group: u64,
         id: LogId,
     },
+    /// The segment ends here; the log goes on in the next one.
+    Seal,
 }
 
 impl Record<'_> {
@@ -83,6 +96,7 @@ impl Record<'_> {
             | Record::Purge { group, .. }
             | Record::Vote { group, .. }
             | Record::Committed { group, .. } => group,
+            Record::Seal => 0,
         }
     }
 
@@ -95,8 +109,8 @@ impl Record<'_> {
             }
     }
 
-    /// Appends the record to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
+    /// Appends the record to `out`, for the segment with sequence number `seq`.
+    pub fn encode(&self, out: &mut Vec<u8>, seq: u64) {
         let (kind, group, a, b, c, payload): (u8, u64, u64, u64, u64, &[u8]) = match *self {
             Record::Entry { group, id, payload } => (1, group, id.index, id.term, id.node, payload),
             Record::Truncate { group, from } => (2, group, from, 0, 0, &[]),
@@ -110,6 +124,7 @@ impl Record<'_> {
                 &[],
             ),
             Record::Committed { group, id } => (5, group, id.index, id.term, id.node, &[]),
+            Record::Seal => (6, 0, 0, 0, 0, &[]),
         };
         assert!(payload.len() <= PAYLOAD_BYTES_MAX, "log payload too large");
         let start = out.len();
@@ -121,10 +136,26 @@ impl Record<'_> {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 44]), payload);
+        let crc = checksum(VERSION, seq, &out[start..start + 44], payload);
         out.extend_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(payload);
     }
+}
+
+/// A record's checksum: over the segment's sequence number (version 2 on),
+/// the header's first 44 bytes and the payload.
+fn checksum(version: u8, seq: u64, header: &[u8], payload: &[u8]) -> u32 {
+    let seed = if version == VERSION_1 {
+        0
+    } else {
+        crc32c::crc32c(&seq.to_le_bytes())
+    };
+    crc32c::crc32c_append(crc32c::crc32c_append(seed, header), payload)
+}
+
+/// The format version of the record at the start of `bytes`, if one starts there.
+pub fn version_at_start(bytes: &[u8]) -> Option<u8> {
+    (bytes.len() >= HEADER_BYTES && bytes[0..4] == MAGIC).then(|| bytes[4])
 }
 
 /// Why decoding stopped.
@@ -145,8 +176,9 @@ pub enum Next<'a> {
     End,
 }
 
-/// Reads what lies at `offset` of a segment's bytes.
-pub fn next(bytes: &[u8], offset: usize) -> Result<Next<'_>, RecordError> {
+/// Reads what lies at `offset` of the bytes of the segment with sequence
+/// number `seq`.
+pub fn next(bytes: &[u8], offset: usize, seq: u64) -> Result<Next<'_>, RecordError> {
     let bad = |what: String| RecordError::Bad { offset, what };
     if offset >= bytes.len() {
         return Ok(Next::End);
@@ -169,8 +201,9 @@ pub fn next(bytes: &[u8], offset: usize) -> Result<Next<'_>, RecordError> {
     if h[0..4] != MAGIC {
         return Err(bad("bad magic".into()));
     }
-    if h[4] != VERSION {
-        return Err(bad(format!("format version {}", h[4])));
+    let version = h[4];
+    if version != VERSION && version != VERSION_1 {
+        return Err(bad(format!("format version {version}")));
     }
     let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
     let len = u32::from_le_bytes(h[40..44].try_into().expect("4 bytes")) as usize;
@@ -182,7 +215,7 @@ pub fn next(bytes: &[u8], offset: usize) -> Result<Next<'_>, RecordError> {
         return Err(bad("truncated payload".into()));
     };
     let crc = u32::from_le_bytes(h[44..48].try_into().expect("4 bytes"));
-    if crc32c::crc32c_append(crc32c::crc32c(&h[..44]), payload) != crc {
+    if checksum(version, seq, &h[..44], payload) != crc {
         return Err(bad("checksum mismatch".into()));
     }
     let (group, a, b, c) = (u64_at(8), u64_at(16), u64_at(24), u64_at(32));
@@ -204,6 +237,7 @@ pub fn next(bytes: &[u8], offset: usize) -> Result<Next<'_>, RecordError> {
             },
         },
         5 => Record::Committed { group, id },
+        6 => Record::Seal,
         kind => return Err(bad(format!("record kind {kind}"))),
     };
     if h[5] != 1 && len != 0 {
@@ -244,24 +278,31 @@ mod tests {
                 },
             },
             Record::Committed { group: 4, id },
+            Record::Seal,
         ]
     }
+
+    const SEQ: u64 = 42;
 
     /// Records, then zeros to a page boundary, as the writer lays batches out.
     fn batch(records: &[Record<'_>]) -> Vec<u8> {
         let mut out = Vec::new();
         for r in records {
-            r.encode(&mut out);
+            r.encode(&mut out, SEQ);
         }
         out.resize(out.len().next_multiple_of(PAGE_BYTES), 0);
         out
     }
 
     fn read_all(bytes: &[u8]) -> (Vec<Record<'_>>, Result<(), RecordError>) {
+        read_all_of(bytes, SEQ)
+    }
+
+    fn read_all_of(bytes: &[u8], seq: u64) -> (Vec<Record<'_>>, Result<(), RecordError>) {
         let mut out = Vec::new();
         let mut offset = 0;
         loop {
-            match next(bytes, offset) {
+            match next(bytes, offset, seq) {
                 Ok(Next::Record(r, end)) => {
                     out.push(r);
                     offset = end;
@@ -322,5 +363,36 @@ mod tests {
         let (read, end) = read_all(&torn);
         assert_eq!(read.len(), 1);
         assert!(end.is_err());
+    }
+
+    #[test]
+    fn records_of_another_segment_fail_their_checksum() {
+        let records = sample();
+        let bytes = batch(&records);
+        let (read, end) = read_all_of(&bytes, SEQ + 1);
+        assert!(read.is_empty());
+        assert!(
+            end.is_err(),
+            "a record of segment {SEQ} read as one of {}",
+            SEQ + 1
+        );
+        assert_eq!(version_at_start(&bytes), Some(VERSION));
+    }
+
+    #[test]
+    fn version_1_records_still_read() {
+        // Version 1: no sequence number in the checksum.
+        let mut bytes = Vec::new();
+        Record::Truncate { group: 3, from: 9 }.encode(&mut bytes, 0);
+        bytes[4] = VERSION_1;
+        let crc = checksum(VERSION_1, 0, &bytes[..44], &[]);
+        bytes[44..48].copy_from_slice(&crc.to_le_bytes());
+        bytes.resize(PAGE_BYTES, 0);
+        for seq in [1, 7, 1000] {
+            let (read, end) = read_all_of(&bytes, seq);
+            end.unwrap();
+            assert_eq!(read, vec![Record::Truncate { group: 3, from: 9 }]);
+        }
+        assert_eq!(version_at_start(&bytes), Some(VERSION_1));
     }
 }
