@@ -653,10 +653,7 @@ impl Writer {
             writer.prepare_spare();
         }
         if writer.tail == 0 {
-            // A fresh segment starts with every group's metadata.
-            writer.encoded.clear();
-            writer.encode_metadata();
-            writer.write_encoded()?;
+            writer.write_metadata()?;
         }
         Ok(writer)
     }
@@ -745,18 +742,18 @@ impl Writer {
             for r in records {
                 let record = r.record();
                 let len = record.encoded_len();
+                if self.encoded.len() + len > self.config.write_bytes_max
+                    && !self.encoded.is_empty()
+                {
+                    self.write_encoded()?;
+                    self.encoded.clear();
+                }
                 if !self.fits(self.encoded.len() + len) {
                     // Records carry their segment's number: what is encoded
                     // goes to this segment, the record to the next.
                     self.write_encoded()?;
                     self.encoded.clear();
                     self.roll()?;
-                }
-                if self.encoded.len() + len > self.config.write_bytes_max
-                    && !self.encoded.is_empty()
-                {
-                    self.write_encoded()?;
-                    self.encoded.clear();
                 }
                 if let Record::Entry { group, id, .. } = record {
                     self.encoded_entries.push((group, id.index));
@@ -850,7 +847,8 @@ impl Writer {
     }
 
     /// Seals the open segment (synced) and starts a new one, beginning with
-    /// every group's metadata (left in `encoded`, which must be empty).
+    /// every group's metadata (written, not yet synced). `encoded` must be
+    /// empty, and is again after.
     fn roll(&mut self) -> Result<(), LogError> {
         debug_assert!(self.encoded.is_empty());
         let seq = self.seq();
@@ -904,8 +902,7 @@ impl Writer {
             reusable: true,
         });
         self.tail = 0;
-        self.encode_metadata();
-        Ok(())
+        self.write_metadata()
     }
 
     /// Starts writing the segment after the open one, so a roll does not
@@ -918,6 +915,16 @@ impl Writer {
             .name("raft-log-spare".into())
             .spawn(move || create_segment(&tmp, bytes, &dir).map(|_| tmp))
             .ok();
+    }
+
+    /// Starts a fresh segment with every group's vote, committed id and
+    /// purge point (written, not yet synced).
+    fn write_metadata(&mut self) -> Result<(), LogError> {
+        self.encoded.clear();
+        self.encode_metadata();
+        self.write_encoded()?;
+        self.encoded.clear();
+        Ok(())
     }
 
     fn encode_metadata(&mut self) {
