@@ -11,6 +11,7 @@
 //! reported ([`StoreError::Corrupt`]); repairing it is the replica layer's job.
 
 pub mod error;
+pub mod flush;
 pub mod format;
 pub mod pool;
 pub mod store;

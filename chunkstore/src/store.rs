@@ -33,7 +33,8 @@ use std::path::{Path, PathBuf};
 
 use quiver_arena::{Arena, Buf, BufMut};
 
-use crate::error::StoreError;
+use crate::error::{IoErrno, StoreError};
+use crate::flush::DeviceFlush;
 use crate::format::{
     bit, page_crc, set_bit, CloneSource, FileKind, MetaPage, CHUNK_BYTES, CRC_BYTES, CRC_OFFSET,
     DATA_OFFSET, FILE_BYTES, META_OFFSET, PAGES, PAGES_PER_CRC_PAGE, PAGE_BYTES,
@@ -54,6 +55,9 @@ pub struct StoreConfig {
     pub open_files_max: u32,
     /// Operations in flight at once.
     pub ops_max: usize,
+    /// Make sync writes durable with one device cache flush where that is
+    /// enough (see [`crate::flush`]) instead of an fdatasync of each file.
+    pub device_flush: bool,
 }
 
 impl StoreConfig {
@@ -64,6 +68,7 @@ impl StoreConfig {
             pool_low_water: 4,
             open_files_max: 4096,
             ops_max: 1024,
+            device_flush: true,
         }
     }
 }
@@ -94,6 +99,8 @@ struct OpenFile {
     path: PathBuf,
     file: File,
     slot: u32,
+    /// A completed write is made durable by the store's device flush alone.
+    flushed_by_device: bool,
     meta: MetaPage,
     /// The checksum table, in registered memory (written from here).
     crc: BufMut,
@@ -178,6 +185,19 @@ struct Op {
 const TAG_DATA: u64 = 0;
 const TAG_CRC: u64 = 1;
 const TAG_SYNC: u64 = 2;
+/// The device flush (no operation index: it covers a batch).
+const TAG_FLUSH: u64 = 3;
+
+/// Sync writes waiting for the device flush, group-committed: a flush covers
+/// every write completed before it was issued, so the writes that complete
+/// while one flush is in flight share the next.
+#[derive(Default)]
+struct FlushQueue {
+    /// Writes completed, waiting for a flush to be issued.
+    waiting: Vec<usize>,
+    /// Writes the flush in flight covers; empty when none is in flight.
+    covered: Vec<usize>,
+}
 
 pub struct ChunkStore {
     config: StoreConfig,
@@ -193,6 +213,9 @@ pub struct ChunkStore {
     cqes: Vec<Cqe>,
     /// One 4 KiB arena buffer for synchronous metadata and copy-on-write IO.
     scratch: BufMut,
+    /// The device flush, where the filesystem allows it, and its ring slot.
+    device_flush: Option<(DeviceFlush, u32)>,
+    flushes: FlushQueue,
     // Dropped last: the ring's registrations point into the arena.
     ring: Ring,
 }
@@ -210,10 +233,25 @@ impl ChunkStore {
         arena: Arena,
         progress: impl FnMut(usize, usize),
     ) -> Result<ChunkStore, StoreError> {
-        let mut ring = Ring::new(RING_ENTRIES, config.open_files_max)?;
+        // One slot more than files: the device flush's anchor.
+        let mut ring = Ring::new(RING_ENTRIES, config.open_files_max + 1)?;
         ring.register_arena(&arena)?;
         let chunks_dir = config.dir.join("chunks");
         fs::create_dir_all(&chunks_dir).map_err(|e| StoreError::io("create", &chunks_dir, &e))?;
+        let device_flush = match config.device_flush {
+            true => DeviceFlush::for_dir(&config.dir)?,
+            false => None,
+        };
+        let device_flush = match device_flush {
+            Some(flush) => {
+                use std::os::fd::AsRawFd;
+                let slot = config.open_files_max;
+                ring.set_file(slot, flush.anchor().as_raw_fd())
+                    .map_err(|e| StoreError::io("register file", &config.dir, &e))?;
+                Some((flush, slot))
+            }
+            None => None,
+        };
         let pool = Pool::open(&config.dir, config.pool_low_water)?;
         let scratch = arena
             .alloc(PAGE_BYTES)
@@ -230,6 +268,8 @@ impl ChunkStore {
             arena,
             pool,
             scratch,
+            device_flush,
+            flushes: FlushQueue::default(),
             ring,
         };
         store.recover()?;
@@ -303,9 +343,16 @@ impl ChunkStore {
                 }
             }
         }
+        let by_device = self
+            .chunks
+            .values()
+            .filter(|c| c.file.flushed_by_device)
+            .count();
         tracing::info!(
             chunks = self.chunks.len(),
             pool = self.pool.len(),
+            sync = %self.sync_method(),
+            chunks_by_device_flush = by_device,
             "chunk store open"
         );
         Ok(())
@@ -351,10 +398,15 @@ impl ChunkStore {
             self.free_slots.push(slot);
             return Err(StoreError::io("register file", path, &e));
         }
+        let flushed_by_device = self
+            .device_flush
+            .as_ref()
+            .is_some_and(|(flush, _)| flush.covers(&file, FILE_BYTES));
         Ok(OpenFile {
             path: path.into(),
             file,
             slot,
+            flushed_by_device,
             meta,
             crc,
         })
@@ -501,6 +553,16 @@ impl ChunkStore {
         self.free_file(snap)
     }
 
+    /// How sync writes become durable: "device flush (ext4)" where the
+    /// filesystem allows it (files that do not qualify still get their own
+    /// fdatasync), else "fdatasync".
+    pub fn sync_method(&self) -> String {
+        match &self.device_flush {
+            Some((flush, _)) => format!("device flush ({})", flush.filesystem()),
+            None => "fdatasync".into(),
+        }
+    }
+
     /// Whether the chunk exists (cheap, unlike `stat`, which counts pages).
     pub fn contains(&self, key: ChunkKey) -> bool {
         self.chunks.contains_key(&key)
@@ -520,12 +582,13 @@ impl ChunkStore {
     }
 
     /// Makes every write done without sync durable: waits for the chunks
-    /// written that way and fdatasyncs their files. Returns how many files
-    /// it synced. (A replicated store writes without sync, its log being
+    /// written that way and fdatasyncs their files (or flushes the device
+    /// once for those it covers). Returns how many files it made durable. (A replicated store writes without sync, its log being
     /// durable, and calls this before it may forget that log.)
     pub fn sync_dirty(&mut self) -> Result<usize, StoreError> {
         let dirty: Vec<ChunkKey> = self.dirty.drain().collect();
         let mut synced = 0;
+        let mut device_flush_needed = false;
         for key in dirty {
             self.drain_chunk(key)?;
             let Some(chunk) = self.chunks.get(&key) else {
@@ -533,10 +596,17 @@ impl ChunkStore {
             };
             // Its checksum pages went out with the data: only the sync is left.
             let file = &chunk.file;
+            synced += 1;
+            if file.flushed_by_device && self.device_flush.is_some() {
+                device_flush_needed = true;
+                continue;
+            }
             file.file
                 .sync_data()
                 .map_err(|e| StoreError::io("fdatasync", &file.path, &e))?;
-            synced += 1;
+        }
+        if let Some((flush, _)) = self.device_flush.as_ref().filter(|_| device_flush_needed) {
+            flush.flush()?;
         }
         Ok(synced)
     }
@@ -829,6 +899,11 @@ impl ChunkStore {
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(&mut cqes);
         for cqe in &cqes {
+            if cqe.token & 3 == TAG_FLUSH {
+                let result = cqe.result.map(drop);
+                self.finish_flush(result);
+                continue;
+            }
             let index = (cqe.token >> 2) as usize;
             let Some(op) = self.ops[index].as_mut() else {
                 tracing::error!(token = cqe.token, "completion for no operation");
@@ -882,13 +957,19 @@ impl ChunkStore {
             if sync_next {
                 op.stage = Stage::Sync;
                 op.pending = 1;
-                let slot = self
+                let file = &self
                     .chunks
                     .get(&op.key)
                     .expect("an op's chunk stays open")
-                    .file
-                    .slot;
-                if let Err(e) = self.ring.fdatasync(slot, ((index as u64) << 2) | TAG_SYNC) {
+                    .file;
+                if file.flushed_by_device && self.device_flush.is_some() {
+                    self.flushes.waiting.push(index);
+                    continue;
+                }
+                if let Err(e) = self
+                    .ring
+                    .fdatasync(file.slot, ((index as u64) << 2) | TAG_SYNC)
+                {
                     let op = self.ops[index].as_mut().expect("live op");
                     op.pending = 0;
                     op.error = Some(e);
@@ -899,6 +980,55 @@ impl ChunkStore {
             self.finish_op(index);
         }
         self.cqes = cqes;
+        self.start_flush();
+    }
+
+    /// Issues the device flush for the writes waiting on it, unless one is in
+    /// flight already (they wait for the next). With nothing else in the
+    /// kernel the flush runs here, blocking: io_uring would hand it to an
+    /// io-wq thread (fsync always blocks), a wake-up there and back.
+    fn start_flush(&mut self) {
+        let Some((flush, anchor)) = &self.device_flush else {
+            return;
+        };
+        if self.flushes.waiting.is_empty() || !self.flushes.covered.is_empty() {
+            return;
+        }
+        std::mem::swap(&mut self.flushes.waiting, &mut self.flushes.covered);
+        if self.ring.in_flight() == 0 {
+            let result = flush.flush();
+            self.finish_flush_with(result);
+        } else if let Err(e) = self.ring.fdatasync(*anchor, TAG_FLUSH) {
+            self.finish_flush_with(Err(e));
+        }
+    }
+
+    /// The flush in flight completed (`Err` holds its errno).
+    fn finish_flush(&mut self, result: Result<(), IoErrno>) {
+        let result = result.map_err(|errno| StoreError::Io {
+            op: "device flush",
+            path: self.config.dir.join(crate::flush::ANCHOR_NAME),
+            errno,
+        });
+        self.finish_flush_with(result);
+    }
+
+    /// Ends the writes the flush covered with its result, then issues the
+    /// next flush for writes that completed meanwhile.
+    fn finish_flush_with(&mut self, result: Result<(), StoreError>) {
+        let covered = std::mem::take(&mut self.flushes.covered);
+        for &index in &covered {
+            let op = self.ops[index].as_mut().expect("a covered write is live");
+            op.pending = 0;
+            if let Err(e) = &result {
+                op.error.get_or_insert(e.clone());
+            }
+            self.finish_op(index);
+        }
+        // Keep the allocation for the next batch.
+        self.flushes.covered = covered;
+        self.flushes.covered.clear();
+        self.start_flush();
     }
 
     /// Submits queued IO and returns a finished operation, if any. With `wait`,

@@ -445,3 +445,51 @@ fn formatted_pool_files_leave_nothing_in_the_page_cache() {
     }
     assert_eq!(files, 2);
 }
+
+/// Sync writes in flight together over many chunks: with the device flush
+/// they share flushes (group commit); with it off each fdatasyncs its own
+/// file. Either way every write completes once, in order per chunk, and
+/// reads back.
+#[test]
+fn sync_writes_at_depth_complete_through_either_sync_method() {
+    for device_flush in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = quiver_chunkstore::StoreConfig::new(dir.path());
+        config.pool_files = 8;
+        config.pool_low_water = 1;
+        config.device_flush = device_flush;
+        let mut store = quiver_chunkstore::ChunkStore::open(config, common::arena()).unwrap();
+        let on_ext4_or_xfs = quiver_chunkstore::flush::DeviceFlush::for_dir(dir.path())
+            .unwrap()
+            .is_some();
+        assert_eq!(
+            store.sync_method().starts_with("device flush"),
+            device_flush && on_ext4_or_xfs,
+            "{}",
+            store.sync_method()
+        );
+        for chunk in 1..=8 {
+            store.create(key(chunk), 1).unwrap();
+        }
+        let arena = store.arena().clone();
+        for i in 0..256u64 {
+            let mut b = arena.alloc(PAGE_BYTES).unwrap();
+            b.copy_from_slice(&page(i));
+            let chunk = 1 + i % 8;
+            store
+                .submit_write(key(chunk), 1, (i / 8) * P, b.freeze(), true, i)
+                .unwrap();
+        }
+        let mut finished = Vec::new();
+        while let Some(done) = store.poll(true).unwrap() {
+            done.result.unwrap();
+            finished.push(done.token);
+        }
+        finished.sort_unstable();
+        assert_eq!(finished, (0..256).collect::<Vec<_>>());
+        for i in 0..256u64 {
+            let data = store.read(key(1 + i % 8), (i / 8) * P, PAGE_BYTES).unwrap();
+            assert_eq!(tag_of(&data), Some(i));
+        }
+    }
+}

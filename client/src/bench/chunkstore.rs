@@ -96,6 +96,9 @@ pub struct Workload {
     pub limit: Limit,
     /// Untimed operations before each measured run (ours only).
     pub warmup: u64,
+    /// Ours: sync writes flush the device cache once where the filesystem
+    /// allows (the store's default) rather than fdatasync each chunk file.
+    pub device_flush: bool,
 }
 
 impl Workload {
@@ -216,6 +219,11 @@ pub struct StoreBench {
 impl StoreBench {
     /// Opens (formatting on first use) a store in `dir`, creates the chunks
     /// the working set needs, and for randread writes every block once.
+    /// How the store makes sync writes durable (see `ChunkStore::sync_method`).
+    pub fn sync_method(&self) -> String {
+        self.store.sync_method()
+    }
+
     pub fn open(dir: &Path, w: &Workload) -> anyhow::Result<StoreBench> {
         w.validate()?;
         let chunks = usize::try_from(w.chunks()).context("too many chunks")?;
@@ -233,6 +241,7 @@ impl StoreBench {
         config.pool_low_water = 1;
         config.open_files_max = open_files(open)?;
         config.ops_max = w.iodepth.max(LAYOUT_DEPTH) + SLACK;
+        config.device_flush = w.device_flush;
         let mut formatting: Option<Progress> = None;
         let mut store = ChunkStore::open_with_progress(config, arena, |done, total| {
             let p = formatting.get_or_insert_with(|| {
@@ -564,6 +573,7 @@ mod tests {
             sync,
             limit: Limit::Iters(200),
             warmup: 20,
+            device_flush: true,
         }
     }
 

@@ -284,6 +284,7 @@ pub fn chunkstore_workload(s: &Setup) -> super::chunkstore::Workload {
         sync: SyncPolicy::Always,
         limit: Limit::Duration(s.duration),
         warmup: s.warmup.max(16),
+        device_flush: true,
     }
 }
 

@@ -45,8 +45,7 @@ impl Figures {
         assert!(!runs.is_empty(), "median of no runs");
         let med = |f: fn(&Figures) -> f64| {
             let mut v: Vec<f64> = runs.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
+            median_of(&mut v).expect("runs is not empty")
         };
         let mut iters: Vec<u64> = runs.iter().map(|r| r.iters).collect();
         iters.sort_unstable();
@@ -62,6 +61,12 @@ impl Figures {
             mb_per_s: med(|r| r.mb_per_s),
         }
     }
+}
+
+/// The median of `values` (sorted in place; the upper one of an even count).
+pub fn median_of(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
 /// A baseline's figures with Quiver's ratios to it.
