@@ -187,6 +187,11 @@ struct BenchReplication {
     /// threads take the cores the others need, so the default is not to.
     #[arg(long, default_value_t = 0)]
     spin_us: u64,
+    /// fdatasync each file written (Raft log segments, chunk files) instead
+    /// of one device cache flush where the filesystem allows it (for
+    /// comparing the two).
+    #[arg(long)]
+    per_file_fdatasync: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -644,6 +649,7 @@ fn bench_replication(args: BenchReplication) -> anyhow::Result<()> {
         .options(),
         connect: args.connect,
         dir: dir.join("replication"),
+        device_flush: !args.per_file_fdatasync,
     };
     let store_workload = replication::chunkstore_workload(&setup);
     store_workload.validate()?;

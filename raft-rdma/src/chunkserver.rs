@@ -129,6 +129,11 @@ pub struct ChunkserverConfig {
     /// cores before a spin.
     #[serde(default)]
     pub spin_us: u64,
+    /// Make the Raft log and the chunk store durable with one device cache
+    /// flush where the filesystem allows it (ext4, XFS; files whose block
+    /// map never changes), rather than an fdatasync of each file written.
+    #[serde(default = "default_true")]
+    pub device_flush: bool,
     #[serde(default)]
     pub raft: RaftTuning,
     /// Control plane endpoints (`host:port`, any of the control nodes).
@@ -183,6 +188,10 @@ fn default_arena_mib() -> usize {
     64
 }
 
+fn default_true() -> bool {
+    true
+}
+
 /// A copyset named in the configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,6 +213,7 @@ impl ChunkserverConfig {
             log_segment_mib: default_log_segment_mib(),
             arena_mib: default_arena_mib(),
             spin_us: 0,
+            device_flush: true,
             raft: RaftTuning::default(),
             control: Vec::new(),
             token: None,
@@ -398,6 +408,7 @@ impl Chunkserver {
         let log_config = LogConfig {
             segment_bytes: config.log_segment_mib << 20,
             writer_spin: std::time::Duration::from_micros(config.spin_us),
+            device_flush: config.device_flush,
             ..LogConfig::new(dir.join("log"))
         };
         let engine = Arc::new(LogEngine::open(log_config).context("opening the Raft log")?);
@@ -409,6 +420,7 @@ impl Chunkserver {
             // Registered file slots count against the descriptor limit; leave
             // half of it for sockets, the log and the rest.
             open_files_max: defaults.open_files_max.min((files / 2) as u32).max(64),
+            device_flush: config.device_flush,
             ..defaults
         };
         let arena = chunk_arena(config.arena_mib, store_config.open_files_max as usize)?;

@@ -40,6 +40,8 @@ pub struct Setup {
     /// Running chunkservers to use instead of starting our own.
     pub connect: Vec<SocketAddr>,
     pub dir: PathBuf,
+    /// Servers and the chunk store baseline flush the device, not each file.
+    pub device_flush: bool,
 }
 
 /// Chunkserver processes this bench started; killed when dropped.
@@ -103,6 +105,7 @@ fn start_servers(s: &Setup, dir: &Path) -> anyhow::Result<Servers> {
         cs.transport = transport.to_string();
         cs.pool_files = pool_files;
         cs.spin_us = s.fabric.spin.as_micros() as u64;
+        cs.device_flush = s.device_flush;
         std::fs::write(&config, cs.to_toml())?;
         let child = Command::new(&exe)
             .args(["chunkserver", "--config"])
@@ -284,7 +287,7 @@ pub fn chunkstore_workload(s: &Setup) -> super::chunkstore::Workload {
         sync: SyncPolicy::Always,
         limit: Limit::Duration(s.duration),
         warmup: s.warmup.max(16),
-        device_flush: true,
+        device_flush: s.device_flush,
     }
 }
 
