@@ -23,6 +23,13 @@
 //! delayed extents, nothing reflinked that an overwrite would copy). Any
 //! other file is fdatasynced itself. What a crash can lose this way is only
 //! the chunk files' timestamps, which nothing reads.
+//!
+//! The anchor must not share its inode-table block with a file we write:
+//! ext4 without a journal writes an fsynced inode's block when it is dirty,
+//! and a neighbour's timestamp update dirties it (traced: one 4 KiB write
+//! per clock tick through an anchor created next to the log's segments).
+//! So the anchor is picked from a run of empty files made together in
+//! `flush/`: one whose whole aligned block of inode numbers is that run's.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -32,8 +39,13 @@ use std::path::{Path, PathBuf};
 use crate::error::StoreError;
 use crate::pool::sync_dir;
 
-/// The anchor's name in a store or log directory.
-pub const ANCHOR_NAME: &str = "flush.anchor";
+/// The directory of anchor candidates in a store or log directory.
+pub const ANCHOR_DIR: &str = "flush";
+/// Empty files made there: enough to hold a whole aligned block of inode
+/// numbers at up to [`INODES_PER_BLOCK_MAX`] inodes per block.
+const ANCHOR_CANDIDATES: u64 = 2 * INODES_PER_BLOCK_MAX;
+/// ext4 with 4 KiB blocks and 128-byte inodes (the default is 256: 16).
+const INODES_PER_BLOCK_MAX: u64 = 32;
 
 const EXT4_SUPER_MAGIC: i64 = 0xEF53;
 const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
@@ -55,18 +67,8 @@ impl DeviceFlush {
         let Some(filesystem) = filesystem_name(dir)? else {
             return Ok(None);
         };
-        let path = dir.join(ANCHOR_NAME);
-        let created = !path.exists();
-        let anchor = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| StoreError::io("create", &path, &e))?;
-        if created {
-            sync_dir(dir)?;
-        }
+        let path = pick_anchor(&dir.join(ANCHOR_DIR))?;
+        let anchor = File::open(&path).map_err(|e| StoreError::io("open", &path, &e))?;
         let dev = anchor
             .metadata()
             .map_err(|e| StoreError::io("stat", &path, &e))?
@@ -82,6 +84,11 @@ impl DeviceFlush {
     /// The never-written file whose fdatasync is the flush (for a ring slot).
     pub fn anchor(&self) -> &File {
         &self.anchor
+    }
+
+    /// The anchor file.
+    pub fn anchor_path(&self) -> &Path {
+        &self.path
     }
 
     /// ext4 or xfs.
@@ -102,6 +109,50 @@ impl DeviceFlush {
     pub fn covers(&self, file: &File, len: u64) -> bool {
         let same_device = file.metadata().is_ok_and(|m| m.dev() == self.dev);
         same_device && is_direct(file) && fully_written(file, len).unwrap_or(false)
+    }
+}
+
+/// Makes the anchor candidates in `flush_dir` (once) and returns the one
+/// whose aligned block of inode numbers holds only candidates; the first
+/// candidate, with a warning, if none does (still correct, only slower).
+fn pick_anchor(flush_dir: &Path) -> Result<PathBuf, StoreError> {
+    use std::collections::HashSet;
+    let exists = flush_dir.exists();
+    std::fs::create_dir_all(flush_dir).map_err(|e| StoreError::io("create", flush_dir, &e))?;
+    let paths: Vec<PathBuf> = (0..ANCHOR_CANDIDATES)
+        .map(|i| flush_dir.join(format!("{i:02}")))
+        .collect();
+    let mut inodes = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let file = File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| StoreError::io("create", path, &e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", path, &e))?;
+        inodes.push(meta.ino());
+    }
+    if !exists {
+        sync_dir(flush_dir)?;
+        if let Some(parent) = flush_dir.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    let ours: HashSet<u64> = inodes.iter().copied().collect();
+    let isolated = |ino: u64| {
+        // Inode numbers start at 1; a block holds an aligned run of them.
+        let first = (ino - 1) / INODES_PER_BLOCK_MAX * INODES_PER_BLOCK_MAX + 1;
+        (first..first + INODES_PER_BLOCK_MAX).all(|i| ours.contains(&i))
+    };
+    match inodes.iter().position(|&ino| isolated(ino)) {
+        Some(i) => Ok(paths[i].clone()),
+        None => {
+            tracing::warn!(dir = %flush_dir.display(), "no flush anchor has an inode block of its own; a device flush may also write inodes");
+            Ok(paths[0].clone())
+        }
     }
 }
 
@@ -255,11 +306,9 @@ mod tests {
         );
 
         flush.flush().unwrap();
-        assert_eq!(
-            std::fs::metadata(dir.path().join(ANCHOR_NAME))
-                .unwrap()
-                .len(),
-            0
-        );
+        assert_eq!(std::fs::metadata(flush.anchor_path()).unwrap().len(), 0);
+        // Opening again picks the same anchor from the same candidates.
+        let again = DeviceFlush::for_dir(dir.path()).unwrap().unwrap();
+        assert_eq!(again.anchor_path(), flush.anchor_path());
     }
 }

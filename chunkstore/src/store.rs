@@ -1007,7 +1007,11 @@ impl ChunkStore {
     fn finish_flush(&mut self, result: Result<(), IoErrno>) {
         let result = result.map_err(|errno| StoreError::Io {
             op: "device flush",
-            path: self.config.dir.join(crate::flush::ANCHOR_NAME),
+            path: self
+                .device_flush
+                .as_ref()
+                .map(|(flush, _)| flush.anchor_path().to_path_buf())
+                .unwrap_or_default(),
             errno,
         });
         self.finish_flush_with(result);
