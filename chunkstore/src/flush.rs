@@ -41,9 +41,13 @@ use crate::pool::sync_dir;
 
 /// The directory of anchor candidates in a store or log directory.
 pub const ANCHOR_DIR: &str = "flush";
-/// Empty files made there: enough to hold a whole aligned block of inode
-/// numbers at up to [`INODES_PER_BLOCK_MAX`] inodes per block.
-const ANCHOR_CANDIDATES: u64 = 2 * INODES_PER_BLOCK_MAX;
+/// Empty files made there at a time: enough to hold a whole aligned block of
+/// inode numbers at up to [`INODES_PER_BLOCK_MAX`] inodes per block, when
+/// the filesystem hands out fresh numbers in a row.
+const ANCHOR_BATCH: usize = 2 * INODES_PER_BLOCK_MAX as usize;
+/// Candidates at most: freed inode numbers are handed out first, scattered,
+/// so a batch may not hold a whole block; the next ones usually do.
+const ANCHOR_CANDIDATES_MAX: usize = 8 * ANCHOR_BATCH;
 /// ext4 with 4 KiB blocks and 128-byte inodes (the default is 256: 16).
 const INODES_PER_BLOCK_MAX: u64 = 32;
 
@@ -112,48 +116,50 @@ impl DeviceFlush {
     }
 }
 
-/// Makes the anchor candidates in `flush_dir` (once) and returns the one
-/// whose aligned block of inode numbers holds only candidates; the first
-/// candidate, with a warning, if none does (still correct, only slower).
+/// Makes anchor candidates in `flush_dir`, a batch at a time (those there
+/// already count), and returns the first whose aligned block of inode
+/// numbers holds only candidates; the first candidate, with a warning, if
+/// none does (still correct, only slower). Reopening picks the same one.
 fn pick_anchor(flush_dir: &Path) -> Result<PathBuf, StoreError> {
     use std::collections::HashSet;
-    let exists = flush_dir.exists();
     std::fs::create_dir_all(flush_dir).map_err(|e| StoreError::io("create", flush_dir, &e))?;
-    let paths: Vec<PathBuf> = (0..ANCHOR_CANDIDATES)
-        .map(|i| flush_dir.join(format!("{i:02}")))
-        .collect();
-    let mut inodes = Vec::with_capacity(paths.len());
-    for path in &paths {
-        let file = File::options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| StoreError::io("create", path, &e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| StoreError::io("stat", path, &e))?;
-        inodes.push(meta.ino());
+    let mut paths = Vec::new();
+    let mut inodes = Vec::new();
+    let mut created = false;
+    while paths.len() < ANCHOR_CANDIDATES_MAX {
+        for i in paths.len()..paths.len() + ANCHOR_BATCH {
+            let path = flush_dir.join(format!("{i:03}"));
+            created |= !path.exists();
+            let file = File::options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| StoreError::io("create", &path, &e))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| StoreError::io("stat", &path, &e))?;
+            paths.push(path);
+            inodes.push(meta.ino());
+        }
+        let ours: HashSet<u64> = inodes.iter().copied().collect();
+        let isolated = |ino: u64| {
+            // Inode numbers start at 1; a block holds an aligned run of them.
+            let first = (ino - 1) / INODES_PER_BLOCK_MAX * INODES_PER_BLOCK_MAX + 1;
+            (first..first + INODES_PER_BLOCK_MAX).all(|i| ours.contains(&i))
+        };
+        if let Some(i) = inodes.iter().position(|&ino| isolated(ino)) {
+            if created {
+                sync_dir(flush_dir)?;
+            }
+            return Ok(paths[i].clone());
+        }
     }
-    if !exists {
+    if created {
         sync_dir(flush_dir)?;
-        if let Some(parent) = flush_dir.parent() {
-            sync_dir(parent)?;
-        }
     }
-    let ours: HashSet<u64> = inodes.iter().copied().collect();
-    let isolated = |ino: u64| {
-        // Inode numbers start at 1; a block holds an aligned run of them.
-        let first = (ino - 1) / INODES_PER_BLOCK_MAX * INODES_PER_BLOCK_MAX + 1;
-        (first..first + INODES_PER_BLOCK_MAX).all(|i| ours.contains(&i))
-    };
-    match inodes.iter().position(|&ino| isolated(ino)) {
-        Some(i) => Ok(paths[i].clone()),
-        None => {
-            tracing::warn!(dir = %flush_dir.display(), "no flush anchor has an inode block of its own; a device flush may also write inodes");
-            Ok(paths[0].clone())
-        }
-    }
+    tracing::warn!(dir = %flush_dir.display(), "no flush anchor has an inode block of its own; a device flush may also write inodes");
+    Ok(paths[0].clone())
 }
 
 /// "ext4" or "xfs" for the filesystem holding `dir`, else `None`.
