@@ -29,7 +29,12 @@
 //! and a neighbour's timestamp update dirties it (traced: one 4 KiB write
 //! per clock tick through an anchor created next to the log's segments).
 //! So the anchor is picked from a run of empty files made together in
-//! `flush/`: one whose whole aligned block of inode numbers is that run's.
+//! `flush/anchors/`: one whose whole aligned block of inode numbers is that
+//! run's. `flush/` is marked a top directory (FS_TOPDIR_FL), so ext4 puts
+//! `anchors/` in a block group of its own choosing, away from the churned
+//! one the store's files live in and from other stores on the same disk
+//! doing the same at the same moment (three chunkservers starting together
+//! interleaved their candidates so that none found a whole block).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -123,6 +128,9 @@ impl DeviceFlush {
 fn pick_anchor(flush_dir: &Path) -> Result<PathBuf, StoreError> {
     use std::collections::HashSet;
     std::fs::create_dir_all(flush_dir).map_err(|e| StoreError::io("create", flush_dir, &e))?;
+    spread_subdirectories(flush_dir);
+    let flush_dir = &flush_dir.join("anchors");
+    std::fs::create_dir_all(flush_dir).map_err(|e| StoreError::io("create", flush_dir, &e))?;
     let mut paths = Vec::new();
     let mut inodes = Vec::new();
     let mut created = false;
@@ -160,6 +168,30 @@ fn pick_anchor(flush_dir: &Path) -> Result<PathBuf, StoreError> {
     }
     tracing::warn!(dir = %flush_dir.display(), "no flush anchor has an inode block of its own; a device flush may also write inodes");
     Ok(paths[0].clone())
+}
+
+/// Asks ext4 to place `dir`'s subdirectories as it places top-level ones
+/// (spread over block groups). Advice: failure is logged only.
+fn spread_subdirectories(dir: &Path) {
+    const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+    const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+    const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+    let Ok(handle) = File::open(dir) else {
+        return;
+    };
+    let fd = handle.as_raw_fd();
+    let mut flags: libc::c_int = 0;
+    // SAFETY: the flag ioctls read or write one int we own.
+    let ok = unsafe {
+        libc::ioctl(fd, FS_IOC_GETFLAGS, &mut flags) == 0 && {
+            flags |= FS_TOPDIR_FL;
+            libc::ioctl(fd, FS_IOC_SETFLAGS, &flags) == 0
+        }
+    };
+    if !ok {
+        let e = std::io::Error::last_os_error();
+        tracing::debug!(dir = %dir.display(), error = %e, "could not mark a top directory");
+    }
 }
 
 /// "ext4" or "xfs" for the filesystem holding `dir`, else `None`.
