@@ -587,9 +587,18 @@ impl ChunkStore {
     /// durable, and calls this before it may forget that log.)
     pub fn sync_dirty(&mut self) -> Result<usize, StoreError> {
         let dirty: Vec<ChunkKey> = self.dirty.drain().collect();
+        let result = self.sync_chunks(&dirty);
+        if result.is_err() {
+            // Still dirty: a later call must sync them again.
+            self.dirty.extend(dirty);
+        }
+        result
+    }
+
+    fn sync_chunks(&mut self, dirty: &[ChunkKey]) -> Result<usize, StoreError> {
         let mut synced = 0;
         let mut device_flush_needed = false;
-        for key in dirty {
+        for &key in dirty {
             self.drain_chunk(key)?;
             let Some(chunk) = self.chunks.get(&key) else {
                 continue; // deleted since: its file went back to the pool

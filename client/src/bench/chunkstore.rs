@@ -217,13 +217,13 @@ pub struct StoreBench {
 }
 
 impl StoreBench {
-    /// Opens (formatting on first use) a store in `dir`, creates the chunks
-    /// the working set needs, and for randread writes every block once.
     /// How the store makes sync writes durable (see `ChunkStore::sync_method`).
     pub fn sync_method(&self) -> String {
         self.store.sync_method()
     }
 
+    /// Opens (formatting on first use) a store in `dir`, creates the chunks
+    /// the working set needs, and for randread writes every block once.
     pub fn open(dir: &Path, w: &Workload) -> anyhow::Result<StoreBench> {
         w.validate()?;
         let chunks = usize::try_from(w.chunks()).context("too many chunks")?;

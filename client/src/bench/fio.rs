@@ -184,7 +184,7 @@ struct SyncSide {
 struct Latency {
     max: f64,
     #[serde(default)]
-    mean: f64,
+    mean: Option<f64>,
     #[serde(rename = "N", default)]
     n: u64,
     /// "50.000000" -> ns.
@@ -244,10 +244,12 @@ pub fn parse(stdout: &str, w: &Workload) -> anyhow::Result<FioRun> {
         for (total, s) in ns.iter_mut().zip(sync.figures("fdatasync")?) {
             *total += s;
         }
-        if w.iodepth == 1 && dir.iops > 0.0 {
-            // One operation at a time: runtime per op is its whole latency.
-            let per_op_ns = 1e9 / dir.iops;
-            unaccounted_us = Some((per_op_ns - dir.lat_ns.mean - sync.mean) / 1000.0);
+        if let (1, Some(write), Some(fdatasync)) = (w.iodepth, dir.lat_ns.mean, sync.mean) {
+            if dir.iops > 0.0 {
+                // One operation at a time: runtime per op is its whole latency.
+                let per_op_ns = 1e9 / dir.iops;
+                unaccounted_us = Some((per_op_ns - write - fdatasync) / 1000.0);
+            }
         }
     }
     let us = |ns: f64| ns / 1000.0;

@@ -857,10 +857,14 @@ impl Writer {
     /// Where the segment qualifies, the fdatasync is of the device flush's
     /// anchor instead: the same cache flush without the inode write.
     fn sync(&mut self) -> Result<(), LogError> {
+        // A batch may run past the segment's checked length (a record larger
+        // than a segment): that write grew the file, which only its own
+        // fdatasync makes durable.
+        let within_checked = self.tail <= self.config.segment_bytes;
         if let Some(flush) = self
             .device_flush
             .as_ref()
-            .filter(|_| self.file_flushed_by_device)
+            .filter(|_| self.file_flushed_by_device && within_checked)
         {
             return Ok(flush.flush()?);
         }
