@@ -271,7 +271,8 @@ impl Cluster {
 }
 
 /// The `chunkstore` baseline: the same writes (block size, queue depth) on
-/// one local chunk store, each made durable with fdatasync.
+/// one local chunk store, each made durable (the store's device flush, or
+/// fdatasync with `--per-file-fdatasync`).
 pub fn chunkstore_baseline(store: &mut StoreBench) -> anyhow::Result<RunStats> {
     let mut stats = store.run()?;
     stats.name = "chunkstore".into();

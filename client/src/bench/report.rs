@@ -242,7 +242,13 @@ impl Report {
         report.copysets = Some(setup.copysets);
         report.target_p50_us = Some(target);
         report.notes = vec![
-            "chunkstore: the same writes on one local chunk store, fdatasync each".into(),
+            if setup.device_flush {
+                "chunkstore: the same writes on one local chunk store, each durable \
+                 (a device flush where the filesystem allows, else fdatasync)"
+                    .into()
+            } else {
+                "chunkstore: the same writes on one local chunk store, fdatasync each".into()
+            },
             format!(
                 "fabric: a round trip of {} bytes ({})",
                 setup.bs,
