@@ -174,7 +174,7 @@ fn pick_anchor(flush_dir: &Path) -> Result<PathBuf, StoreError> {
         let ours: HashSet<u64> = inodes.iter().copied().collect();
         let isolated = |ino: u64| {
             // Inode numbers start at 1; a block holds an aligned run of them.
-            let first = (ino - 1) / INODES_PER_BLOCK_MAX * INODES_PER_BLOCK_MAX + 1;
+            let first = ino.saturating_sub(1) / INODES_PER_BLOCK_MAX * INODES_PER_BLOCK_MAX + 1;
             (first..first + INODES_PER_BLOCK_MAX).all(|i| ours.contains(&i))
         };
         if let Some(i) = inodes.iter().position(|&ino| isolated(ino)) {

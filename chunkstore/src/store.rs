@@ -242,16 +242,12 @@ impl ChunkStore {
             true => DeviceFlush::for_dir(&config.dir)?,
             false => None,
         };
-        let device_flush = match device_flush {
-            Some(flush) => {
-                use std::os::fd::AsRawFd;
-                let slot = config.open_files_max;
-                ring.set_file(slot, flush.anchor().as_raw_fd())
-                    .map_err(|e| StoreError::io("register file", &config.dir, &e))?;
-                Some((flush, slot))
-            }
-            None => None,
-        };
+        if let Some(flush) = &device_flush {
+            use std::os::fd::AsRawFd;
+            ring.set_file(config.open_files_max, flush.anchor().as_raw_fd())
+                .map_err(|e| StoreError::io("register file", &config.dir, &e))?;
+        }
+        let device_flush = device_flush.map(|flush| (flush, config.open_files_max));
         let pool = Pool::open(&config.dir, config.pool_low_water)?;
         let scratch = arena
             .alloc(PAGE_BYTES)
@@ -583,8 +579,9 @@ impl ChunkStore {
 
     /// Makes every write done without sync durable: waits for the chunks
     /// written that way and fdatasyncs their files (or flushes the device
-    /// once for those it covers). Returns how many files it made durable. (A replicated store writes without sync, its log being
-    /// durable, and calls this before it may forget that log.)
+    /// once for those it covers). Returns how many files it made durable.
+    /// (A replicated store writes without sync, its log being durable, and
+    /// calls this before it may forget that log.)
     pub fn sync_dirty(&mut self) -> Result<usize, StoreError> {
         let dirty: Vec<ChunkKey> = self.dirty.drain().collect();
         let result = self.sync_chunks(&dirty);
@@ -606,7 +603,8 @@ impl ChunkStore {
             // Its checksum pages went out with the data: only the sync is left.
             let file = &chunk.file;
             synced += 1;
-            if file.flushed_by_device && self.device_flush.is_some() {
+            // Set only where the store has a device flush.
+            if file.flushed_by_device {
                 device_flush_needed = true;
                 continue;
             }
@@ -971,7 +969,7 @@ impl ChunkStore {
                     .get(&op.key)
                     .expect("an op's chunk stays open")
                     .file;
-                if file.flushed_by_device && self.device_flush.is_some() {
+                if file.flushed_by_device {
                     self.flushes.waiting.push(index);
                     continue;
                 }
