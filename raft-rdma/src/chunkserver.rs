@@ -1053,24 +1053,31 @@ impl Chunkserver {
     }
 
     async fn open_copyset(&self, id: u32, spec: CopysetSpec) -> anyhow::Result<()> {
-        let machine = ChunkMachine::open(
-            id,
-            Arc::clone(&self.0.disk),
-            &self.copyset_dir(id),
-            self.0.addr.to_string(),
-            Arc::clone(&self.0.fabric),
-        )?;
         let group = u64::from(id);
         let log = log_group(id, self.incarnation(id));
         let pressure = Arc::new(crate::store::LogPressure {
             limit: self.0.config.raft.log_mem_mib << 20,
             raised: tokio::sync::Notify::new(),
         });
+        // The leader writes an entry while it replicates it: the machine
+        // and the network wait on the log's durable mark instead.
+        let log_store =
+            LogStore::with_pressure(Arc::clone(&self.0.engine), log, Arc::clone(&pressure))
+                .ack_own_appends_early(self.0.config.node_id);
+        let log_durable = log_store.durable_mark();
+        let machine = ChunkMachine::open(
+            id,
+            Arc::clone(&self.0.disk),
+            &self.copyset_dir(id),
+            self.0.addr.to_string(),
+            Arc::clone(&self.0.fabric),
+            log_durable.clone(),
+        )?;
         let raft = Raft::new(
             self.0.config.node_id,
             Arc::clone(&self.0.raft_config),
-            Network::new(Arc::clone(&self.0.fabric), group),
-            LogStore::with_pressure(Arc::clone(&self.0.engine), log, Arc::clone(&pressure)),
+            Network::new(Arc::clone(&self.0.fabric), group).with_durable_mark(log_durable),
+            log_store,
             machine.clone(),
         )
         .await

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk_client::{call_chunk_service, ClientError};
 use crate::net::FabricNode;
 use crate::service::{self, ChunkError, Mutation, IO_BYTES_MAX, KIND_READ};
-use crate::store::{Response, TypeConfig};
+use crate::store::{DurableMark, Response, TypeConfig};
 
 /// The file in a copyset's directory that keeps its synced applied point,
 /// membership and last snapshot (JSON, replaced atomically).
@@ -207,6 +207,9 @@ struct Shared {
     /// Where this server's chunk service listens (a snapshot's source).
     self_addr: String,
     fabric: Arc<FabricNode>,
+    /// How far the copyset's log is durable: an entry is applied only once
+    /// it is (the leader acknowledges its own appends to openraft early).
+    log_durable: DurableMark,
     /// The live state (its applied point runs ahead of the file's).
     state: Mutex<State>,
     /// Building and installing a snapshot both write the state file: one
@@ -233,6 +236,7 @@ impl ChunkMachine {
         dir: &Path,
         self_addr: String,
         fabric: Arc<FabricNode>,
+        log_durable: DurableMark,
     ) -> anyhow::Result<ChunkMachine> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(STATE_FILE);
@@ -248,6 +252,7 @@ impl ChunkMachine {
             dir: dir.to_owned(),
             self_addr,
             fabric,
+            log_durable,
             state: Mutex::new(state),
             snapshotting: tokio::sync::Mutex::new(()),
         })))
@@ -559,6 +564,10 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<_> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            self.0.log_durable.wait_for(last.log_id.index).await?;
+        }
         let mut answers = Vec::new();
         let mut store = self.0.disk.store();
         for entry in entries {

@@ -44,7 +44,7 @@ use quiver_fabric::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::store::TypeConfig;
+use crate::store::{DurableMark, TypeConfig};
 
 /// Bytes of entries one AppendEntries message carries at most: the
 /// fabric's 1 MiB message, less room for the request's other fields.
@@ -500,12 +500,24 @@ where
 pub struct Network {
     node: Arc<FabricNode>,
     group: u64,
+    log_durable: Option<DurableMark>,
 }
 
 impl Network {
     /// The network of Raft group `group`, over `node`.
     pub fn new(node: Arc<FabricNode>, group: u64) -> Network {
-        Network { node, group }
+        Network {
+            node,
+            group,
+            log_durable: None,
+        }
+    }
+
+    /// The same, never telling followers an entry is committed before it is
+    /// durable in this node's log (see `LogStore::ack_own_appends_early`).
+    pub fn with_durable_mark(mut self, mark: DurableMark) -> Network {
+        self.log_durable = Some(mark);
+        self
     }
 }
 
@@ -519,6 +531,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.parse().ok(),
             addr_text: node.addr.clone(),
+            log_durable: self.log_durable.clone(),
         }
     }
 }
@@ -530,6 +543,7 @@ pub struct PeerClient {
     target: u64,
     addr: Option<SocketAddr>,
     addr_text: String,
+    log_durable: Option<DurableMark>,
 }
 
 impl PeerClient {
@@ -577,9 +591,12 @@ impl PeerClient {
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        if let Some(mark) = &self.log_durable {
+            rpc.leader_commit = mark.clamp(rpc.leader_commit);
+        }
         // A batch over one fabric message goes as consecutive appends, each
         // starting where the last ended: the follower treats them as the
         // one append (it commits only up to what it holds), and the first

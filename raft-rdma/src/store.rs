@@ -3,7 +3,9 @@
 //!
 //! openraft is pinned to 0.9.25 (storage-v2): its `append` takes a callback
 //! for durability, which the engine's group commit serves (a batch of appends
-//! from many copysets shares one fdatasync). 0.10.0-alpha.37 was measured
+//! from many copysets shares one fdatasync). A leader's own appends may be
+//! acknowledged before their flush, with commits gated on the
+//! [`DurableMark`] instead ([`LogStore::ack_own_appends_early`]). 0.10.0-alpha.37 was measured
 //! against it and not taken: ARCHITECTURE.md says why.
 //!
 //! Entry payloads on disk: one tag byte, then the request's bytes (`1`), the
@@ -113,12 +115,89 @@ async fn durable(f: impl FnOnce(log::Durable) -> Result<(), LogError>) -> Result
         .unwrap_or_else(|_| Err(LogError::Failed("the log writer has stopped".into())))
 }
 
+/// How far a copyset's log is durable: the last entry of its longest
+/// flushed prefix, or `failed` once the log engine failed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DurablePoint {
+    pub last: Option<LogIdOf>,
+    pub failed: bool,
+}
+
+/// A copyset log's [`DurablePoint`], for what must not run ahead of it when
+/// the leader's own appends are acknowledged before their flush (see
+/// [`LogStore::ack_own_appends_early`]): applying an entry, and telling
+/// followers it is committed.
+#[derive(Clone)]
+pub struct DurableMark(Arc<tokio::sync::watch::Sender<DurablePoint>>);
+
+impl DurableMark {
+    fn new(last: Option<LogIdOf>) -> DurableMark {
+        DurableMark(Arc::new(tokio::sync::watch::Sender::new(DurablePoint {
+            last,
+            failed: false,
+        })))
+    }
+
+    pub fn point(&self) -> DurablePoint {
+        *self.0.borrow()
+    }
+
+    /// `committed`, or the durable point when that is lower: what may be
+    /// called committed to others (a follower applies what it is told).
+    pub fn clamp(&self, committed: Option<LogIdOf>) -> Option<LogIdOf> {
+        let last = self.point().last;
+        match (committed, last) {
+            (Some(c), Some(l)) if c.index > l.index => Some(l),
+            (Some(_), None) => None,
+            (c, _) => c,
+        }
+    }
+
+    /// Waits until the entry at `index` is durable.
+    pub async fn wait_for(&self, index: u64) -> Result<(), Error> {
+        let durable = |p: &DurablePoint| p.failed || p.last.is_some_and(|l| l.index >= index);
+        if !durable(&self.point()) {
+            let mut rx = self.0.subscribe();
+            let _ = rx.wait_for(durable).await;
+        }
+        if self.point().failed {
+            return Err(StorageIOError::write_logs(openraft::AnyError::error(
+                "the log engine failed before this entry was durable",
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// A request that ends the log at `last` is durable.
+    fn reached(&self, last: Option<LogIdOf>) {
+        self.0.send_modify(|p| p.last = last);
+    }
+
+    /// The log was cut back to `last`.
+    fn cut(&self, last: Option<LogIdOf>) {
+        self.0.send_modify(|p| {
+            if p.last.map(|l| l.index) > last.map(|l| l.index) {
+                p.last = last;
+            }
+        });
+    }
+
+    fn fail(&self) {
+        self.0.send_modify(|p| p.failed = true);
+    }
+}
+
 /// One copyset's Raft log, kept in its disk's shared engine.
 #[derive(Clone)]
 pub struct LogStore {
     engine: Arc<LogEngine>,
     group: u64,
     pressure: Option<Arc<LogPressure>>,
+    durable: DurableMark,
+    /// This node's id, when its own appends as leader are acknowledged to
+    /// openraft before they are flushed.
+    early_ack_as: Option<u64>,
 }
 
 /// Raised when a copyset's log holds more than `limit` bytes in memory:
@@ -131,10 +210,13 @@ pub struct LogPressure {
 
 impl LogStore {
     pub fn new(engine: Arc<LogEngine>, group: u64) -> LogStore {
+        let durable = DurableMark::new(engine.state(group).last.map(to_raft));
         LogStore {
             engine,
             group,
             pressure: None,
+            durable,
+            early_ack_as: None,
         }
     }
 
@@ -145,10 +227,46 @@ impl LogStore {
         pressure: Arc<LogPressure>,
     ) -> LogStore {
         LogStore {
-            engine,
-            group,
             pressure: Some(pressure),
+            ..LogStore::new(engine, group)
         }
+    }
+
+    /// How far this log is durable.
+    pub fn durable_mark(&self) -> DurableMark {
+        self.durable.clone()
+    }
+
+    /// Acknowledges the appends node `node` makes as leader before they are
+    /// flushed, so that it replicates an entry while it writes it (openraft
+    /// 0.9 replicates only once the leader's append is acknowledged: the
+    /// flush, ~100 µs, then runs before the follower's instead of beside it).
+    ///
+    /// openraft then counts the leader in a commit quorum early. What keeps
+    /// a commit true (the entry durable on a majority) is that nothing acts
+    /// on it before the leader's flush: the caller must make the state
+    /// machine wait on [`LogStore::durable_mark`] before applying (clients
+    /// are answered after applying) and clamp the `leader_commit` it sends
+    /// to followers with [`DurableMark::clamp`]; the committed id saved here
+    /// is clamped already. A leader that crashes before its flush has told
+    /// no one its entry is committed, so losing it loses nothing answered.
+    pub fn ack_own_appends_early(mut self, node: u64) -> LogStore {
+        self.early_ack_as = Some(node);
+        self
+    }
+
+    /// Whether `entries` are this node's own, appended as the leader of the
+    /// current vote: entries carry their leader's (term, node), and only a
+    /// leader makes entries with its own in its term.
+    fn own_as_leader(&self, entries: &[log::Entry]) -> bool {
+        let (Some(node), Some(vote)) = (self.early_ack_as, self.engine.vote(self.group)) else {
+            return false;
+        };
+        vote.node == node
+            && vote.committed
+            && entries
+                .iter()
+                .all(|e| e.id.node == node && e.id.term == vote.term)
     }
 }
 
@@ -215,6 +333,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let Some(id) = committed else {
             return Ok(());
         };
+        // Never past what is durable here (see `ack_own_appends_early`), so
+        // a restart never finds a committed id beyond its log.
+        let Some(id) = self.durable.clamp(Some(id)) else {
+            return Ok(());
+        };
         // Written with the next batch, not waited for: see `note_committed`.
         self.engine
             .note_committed(self.group, to_ours(&id))
@@ -237,13 +360,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 payload: encode(&e).into(),
             })
             .collect();
+        let last = entries.last().map(|e| to_raft(e.id));
+        let durable = self.durable.clone();
+        let early = self.own_as_leader(&entries);
+        let mut callback = Some(callback);
+        let acked_now = if early { callback.take() } else { None };
         self.engine
             .append(
                 self.group,
                 entries,
-                Box::new(move |r| callback.log_io_completed(r.map_err(std::io::Error::other))),
+                Box::new(move |r| {
+                    // The mark moves before openraft hears: whatever the
+                    // answer lets run may wait on the mark.
+                    match &r {
+                        Ok(()) => durable.reached(last),
+                        Err(_) => durable.fail(),
+                    }
+                    if let Some(callback) = callback {
+                        callback.log_io_completed(r.map_err(std::io::Error::other));
+                    }
+                }),
             )
             .map_err(write_error)?;
+        if let Some(callback) = acked_now {
+            callback.log_io_completed(Ok(()));
+        }
         if let Some(p) = &self.pressure {
             if self.engine.bytes(self.group) > p.limit {
                 p.raised.notify_one();
@@ -255,12 +396,103 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogIdOf) -> Result<(), Error> {
         durable(|done| self.engine.truncate(self.group, log_id.index, done))
             .await
-            .map_err(write_error)
+            .map_err(write_error)?;
+        // openraft waits for this before its next log request: the log
+        // still ends where the truncate left it.
+        self.durable
+            .cut(self.engine.state(self.group).last.map(to_raft));
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogIdOf) -> Result<(), Error> {
         durable(|done| self.engine.purge(self.group, to_ours(&log_id), done))
             .await
             .map_err(write_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{wait_durable, LogConfig};
+
+    fn id(term: u64, node: u64, index: u64) -> LogIdOf {
+        openraft::LogId::new(LeaderId::new(term, node), index)
+    }
+
+    fn entry(term: u64, node: u64, index: u64) -> log::Entry {
+        log::Entry {
+            id: to_ours(&id(term, node, index)),
+            payload: vec![1].into(),
+        }
+    }
+
+    #[test]
+    fn only_the_leaders_own_appends_in_its_term_are_acknowledged_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(LogEngine::open(LogConfig::new(dir.path())).unwrap());
+        let store = LogStore::new(Arc::clone(&engine), 7).ack_own_appends_early(1);
+        let vote = |term, node, committed| {
+            wait_durable(|done| {
+                engine.save_vote(
+                    7,
+                    log::Vote {
+                        term,
+                        node,
+                        committed,
+                    },
+                    done,
+                )
+            })
+            .unwrap()
+        };
+        vote(2, 1, false);
+        assert!(!store.own_as_leader(&[entry(2, 1, 1)]), "a candidate");
+        vote(2, 1, true);
+        assert!(store.own_as_leader(&[entry(2, 1, 1), entry(2, 1, 2)]));
+        assert!(
+            !store.own_as_leader(&[entry(1, 1, 1), entry(2, 1, 2)]),
+            "entries of an earlier term are a follower's"
+        );
+        vote(3, 2, true);
+        assert!(!store.own_as_leader(&[entry(3, 2, 3)]), "a follower");
+        assert!(
+            !store.own_as_leader(&[entry(2, 1, 2)]),
+            "our old entries, sent back by a new leader"
+        );
+        let off = LogStore::new(Arc::clone(&engine), 8);
+        assert!(!off.own_as_leader(&[entry(3, 2, 3)]));
+    }
+
+    #[tokio::test]
+    async fn the_durable_mark_clamps_commits_and_releases_waiters() {
+        let mark = DurableMark::new(Some(id(1, 1, 3)));
+        assert_eq!(mark.clamp(Some(id(1, 1, 2))), Some(id(1, 1, 2)));
+        assert_eq!(mark.clamp(Some(id(2, 1, 5))), Some(id(1, 1, 3)));
+        assert_eq!(mark.clamp(None), None);
+        assert_eq!(DurableMark::new(None).clamp(Some(id(1, 1, 1))), None);
+
+        mark.wait_for(3).await.unwrap();
+        let waiter = tokio::spawn({
+            let mark = mark.clone();
+            async move { mark.wait_for(5).await }
+        });
+        mark.reached(Some(id(2, 1, 4)));
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        mark.reached(Some(id(2, 1, 5)));
+        waiter.await.unwrap().unwrap();
+
+        mark.cut(Some(id(2, 1, 4)));
+        assert_eq!(mark.point().last, Some(id(2, 1, 4)));
+        mark.cut(Some(id(2, 1, 6)));
+        assert_eq!(mark.point().last, Some(id(2, 1, 4)), "a cut never raises");
+
+        let waiter = tokio::spawn({
+            let mark = mark.clone();
+            async move { mark.wait_for(9).await }
+        });
+        mark.fail();
+        assert!(waiter.await.unwrap().is_err(), "a failed log fails waiters");
     }
 }

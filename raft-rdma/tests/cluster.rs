@@ -22,6 +22,7 @@ const ELECTION_TIMEOUT_MAX_MS: u64 = 400;
 
 struct Node {
     id: u64,
+    engine: Arc<LogEngine>,
     raft: Raft<TypeConfig>,
     fabric: Arc<FabricNode>,
     machine: RecordingMachine,
@@ -40,12 +41,15 @@ async fn start(id: u64, config: Arc<Config>) -> Node {
     let fabric = Arc::new(
         FabricNode::start("127.0.0.1:0".parse().unwrap(), WorkerConfig::default(), tx).unwrap(),
     );
-    let machine = RecordingMachine::default();
+    // As the chunkserver runs it: the leader's own appends are acknowledged
+    // before their flush, applying and followers' commits wait for it.
+    let log_store = LogStore::new(Arc::clone(&engine), 1).ack_own_appends_early(id);
+    let machine = RecordingMachine::gated(log_store.durable_mark());
     let raft = Raft::new(
         id,
         config,
-        Network::new(Arc::clone(&fabric), 1),
-        LogStore::new(engine, 1),
+        Network::new(Arc::clone(&fabric), 1).with_durable_mark(log_store.durable_mark()),
+        log_store,
         machine.clone(),
     )
     .await
@@ -55,6 +59,7 @@ async fn start(id: u64, config: Arc<Config>) -> Node {
     let server = tokio::spawn(serve_raft(groups, rx));
     Node {
         id,
+        engine,
         raft,
         fabric,
         machine,
@@ -174,6 +179,101 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
         if n.id != first {
             n.raft.shutdown().await.unwrap();
         }
+    }
+}
+
+/// The leader's flush runs beside replication, and nothing acts on a commit
+/// before it: while the leader's log writer is held, its entry reaches both
+/// followers' logs, yet no node applies it and the client has no answer;
+/// once the writer goes on, all three apply it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_replicates_while_it_flushes_and_applies_only_once_durable() {
+    let config = raft_config();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start(id, Arc::clone(&config)).await);
+    }
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .map(|n| (n.id, BasicNode::new(n.fabric.addr.to_string())))
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader_id = leader(&all, Duration::from_secs(5)).await;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    leader
+        .raft
+        .client_write(Request(b"before".to_vec()))
+        .await
+        .unwrap();
+    all_applied(&all, 1).await;
+
+    // Hold the leader's log writer: it runs a request's callback on its own
+    // thread, so one that blocks keeps every later batch from finishing.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let vote = quiver_raft::log::Vote {
+        term: 1,
+        node: 1,
+        committed: false,
+    };
+    leader
+        .engine
+        .save_vote(
+            999,
+            vote,
+            Box::new(move |_| {
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            }),
+        )
+        .unwrap();
+    held_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let index = leader.engine.state(1).last.unwrap().index + 1;
+    let raft = leader.raft.clone();
+    let write = tokio::spawn(async move { raft.client_write(Request(b"held".to_vec())).await });
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for f in nodes.iter().filter(|n| n.id != leader_id) {
+        let holds_it = || {
+            f.engine
+                .entries(1, index, index + 1)
+                .first()
+                .is_some_and(|e| e.id.node == leader_id && e.payload.ends_with(b"held"))
+        };
+        while !holds_it() {
+            assert!(
+                Instant::now() < deadline,
+                "node {} never got the entry the leader was still writing",
+                f.id
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Several heartbeats (50 ms): each carries the leader's commit point.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in &nodes {
+        assert_eq!(
+            n.machine.applied(),
+            vec![b"before".to_vec()],
+            "node {} applied an entry its leader had not made durable",
+            n.id
+        );
+    }
+    assert!(
+        !write.is_finished(),
+        "a write was answered before its leader's flush"
+    );
+
+    release_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), write)
+        .await
+        .expect("the write is answered once the leader's flush is done")
+        .unwrap()
+        .unwrap();
+    all_applied(&all, 2).await;
+    for n in &nodes {
+        n.raft.shutdown().await.unwrap();
     }
 }
 

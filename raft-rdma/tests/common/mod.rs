@@ -10,7 +10,7 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
 };
-use quiver_raft::store::{Response, TypeConfig};
+use quiver_raft::store::{DurableMark, Response, TypeConfig};
 
 #[derive(Default)]
 struct State {
@@ -21,11 +21,16 @@ struct State {
 }
 
 #[derive(Clone, Default)]
-pub struct RecordingMachine(Arc<Mutex<State>>);
+pub struct RecordingMachine {
+    state: Arc<Mutex<State>>,
+    /// Applies an entry only once the log holds it durably (as the chunk
+    /// machine does), when set.
+    log_durable: Option<DurableMark>,
+}
 
 impl RaftSnapshotBuilder<TypeConfig> for RecordingMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let mut s = self.0.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
         let data = serde_json::to_vec(&s.applied).unwrap();
         let meta = SnapshotMeta {
             last_log_id: s.last_applied,
@@ -52,7 +57,7 @@ impl RaftStateMachine<TypeConfig> for RecordingMachine {
         ),
         StorageError<u64>,
     > {
-        let s = self.0.lock().unwrap();
+        let s = self.state.lock().unwrap();
         Ok((s.last_applied, s.membership.clone()))
     }
 
@@ -61,7 +66,11 @@ impl RaftStateMachine<TypeConfig> for RecordingMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
-        let mut s = self.0.lock().unwrap();
+        let entries: Vec<_> = entries.into_iter().collect();
+        if let (Some(mark), Some(last)) = (&self.log_durable, entries.last()) {
+            mark.wait_for(last.log_id.index).await?;
+        }
+        let mut s = self.state.lock().unwrap();
         let mut out = Vec::new();
         for entry in entries {
             s.last_applied = Some(entry.log_id);
@@ -93,7 +102,7 @@ impl RaftStateMachine<TypeConfig> for RecordingMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let data = snapshot.into_inner();
-        let mut s = self.0.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
         s.applied = serde_json::from_slice(&data).unwrap();
         s.last_applied = meta.last_log_id;
         s.membership = meta.last_membership.clone();
@@ -104,7 +113,7 @@ impl RaftStateMachine<TypeConfig> for RecordingMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
-        let s = self.0.lock().unwrap();
+        let s = self.state.lock().unwrap();
         Ok(s.snapshot.clone().map(|(meta, data)| Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -113,8 +122,16 @@ impl RaftStateMachine<TypeConfig> for RecordingMachine {
 }
 
 impl RecordingMachine {
+    /// A machine that applies only what `mark` says is durable.
+    pub fn gated(mark: DurableMark) -> RecordingMachine {
+        RecordingMachine {
+            state: Arc::default(),
+            log_durable: Some(mark),
+        }
+    }
+
     /// The requests applied so far, in order.
     pub fn applied(&self) -> Vec<Vec<u8>> {
-        self.0.lock().unwrap().applied.clone()
+        self.state.lock().unwrap().applied.clone()
     }
 }
