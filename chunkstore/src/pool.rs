@@ -102,21 +102,30 @@ impl Pool {
     }
 
     fn format_one(&mut self) -> Result<(), StoreError> {
+        let file = self.reserve();
+        file.format()?;
+        self.add(file);
+        Ok(())
+    }
+
+    /// Names the next file to format, for formatting away from the pool's
+    /// owner ([`UnformattedFile::format`]) and handing it in with
+    /// [`Pool::add`]: 16 MiB take tens of milliseconds to write, and the
+    /// store must not be held meanwhile.
+    pub fn reserve(&mut self) -> UnformattedFile {
         let number = self.next_number;
         self.next_number += 1;
-        let tmp = self.dir.join(format!("{number:08}.tmp"));
-        let done = self.dir.join(format!("{number:08}.chunk"));
-        let result = write_formatted(&tmp);
-        if let Err(e) = result {
-            // Leave nothing half-made behind; the error says why.
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
+        UnformattedFile {
+            tmp: self.dir.join(format!("{number:08}.tmp")),
+            done: self.dir.join(format!("{number:08}.chunk")),
+            dir: self.dir.clone(),
         }
-        fs::rename(&tmp, &done).map_err(|e| StoreError::io("rename", &tmp, &e))?;
-        sync_dir(&self.dir)?;
-        self.free.push(done);
+    }
+
+    /// Takes in a file [`UnformattedFile::format`] finished.
+    pub fn add(&mut self, file: UnformattedFile) {
+        self.free.push(file.done);
         self.formatted += 1;
-        Ok(())
     }
 
     /// Takes a formatted file for a new chunk or snapshot.
@@ -152,6 +161,28 @@ impl Pool {
         }
         self.free.push(target);
         Ok(())
+    }
+}
+
+/// A pool file named but not yet formatted (see [`Pool::reserve`]). A crash
+/// while formatting leaves its `.tmp`, removed at open; one after the rename
+/// leaves a formatted `.chunk`, which the next open finds.
+pub struct UnformattedFile {
+    tmp: PathBuf,
+    done: PathBuf,
+    dir: PathBuf,
+}
+
+impl UnformattedFile {
+    /// Writes, syncs and renames the file into place (needs no pool).
+    pub fn format(&self) -> Result<(), StoreError> {
+        if let Err(e) = write_formatted(&self.tmp) {
+            // Leave nothing half-made behind; the error says why.
+            let _ = fs::remove_file(&self.tmp);
+            return Err(e);
+        }
+        fs::rename(&self.tmp, &self.done).map_err(|e| StoreError::io("rename", &self.tmp, &e))?;
+        sync_dir(&self.dir)
     }
 }
 

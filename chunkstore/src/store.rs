@@ -39,7 +39,7 @@ use crate::format::{
     bit, page_crc, set_bit, CloneSource, FileKind, MetaPage, CHUNK_BYTES, CRC_BYTES, CRC_OFFSET,
     DATA_OFFSET, FILE_BYTES, META_OFFSET, PAGES, PAGES_PER_CRC_PAGE, PAGE_BYTES,
 };
-use crate::pool::{sync_dir, Pool};
+use crate::pool::{sync_dir, Pool, UnformattedFile};
 use crate::uring::{Cqe, Ring, RING_ENTRIES};
 use crate::ChunkKey;
 
@@ -631,15 +631,29 @@ impl ChunkStore {
     }
 
     /// Formats one pool file if the pool is below its configured size;
-    /// returns whether it did. For a background task that must not hold the
-    /// store for more than one file's formatting at a time.
+    /// returns whether it did. Holds the store for the whole formatting: a
+    /// background task uses [`ChunkStore::pool_file_wanted`] instead.
     pub fn replenish_one(&mut self) -> Result<bool, StoreError> {
-        if self.pool.len() >= self.config.pool_files {
-            return Ok(false);
+        match self.pool_file_wanted() {
+            None => Ok(false),
+            Some(file) => {
+                file.format()?;
+                self.pool_file_formatted(file);
+                Ok(true)
+            }
         }
-        let target = self.pool.len() + 1;
-        self.pool.fill(target, |_, _| {})?;
-        Ok(true)
+    }
+
+    /// A pool file to format without holding the store, when the pool is
+    /// below its configured size: format it, then hand it in with
+    /// [`ChunkStore::pool_file_formatted`]. One at a time: the pool counts
+    /// only files handed in.
+    pub fn pool_file_wanted(&mut self) -> Option<UnformattedFile> {
+        (self.pool.len() < self.config.pool_files).then(|| self.pool.reserve())
+    }
+
+    pub fn pool_file_formatted(&mut self, file: UnformattedFile) {
+        self.pool.add(file);
     }
 
     /// Formats pool files back up to the configured size.

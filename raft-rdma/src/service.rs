@@ -177,6 +177,11 @@ pub struct ServerStatus {
     pub addr: String,
     pub transport: String,
     pub copysets: Vec<CopysetStatus>,
+    /// Formatted chunk files ready, and how many the pool keeps.
+    #[serde(default)]
+    pub pool_free: usize,
+    #[serde(default)]
+    pub pool_files: usize,
 }
 
 fn u64_at(body: &[u8], at: usize) -> Option<u64> {

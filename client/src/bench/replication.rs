@@ -120,6 +120,31 @@ fn start_servers(s: &Setup, dir: &Path) -> anyhow::Result<Servers> {
     Ok(servers)
 }
 
+/// Waits until every server's chunk file pool is back at its size (servers
+/// that do not report one are not waited for).
+async fn wait_for_full_pools(client: &ChunkClient, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for &addr in addrs {
+        loop {
+            let st = client
+                .status(addr)
+                .await
+                .with_context(|| format!("chunkserver {addr} status"))?;
+            if st.pool_free >= st.pool_files {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "chunkserver {addr}: its chunk file pool stayed at {} of {} files",
+                st.pool_free,
+                st.pool_files
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
 /// The members of copyset `c` (1-based): three servers in turn.
 fn members(nodes: &BTreeMap<u64, SocketAddr>, c: u32) -> BTreeMap<u64, SocketAddr> {
     let all: Vec<(u64, SocketAddr)> = nodes.iter().map(|(&n, &a)| (n, a)).collect();
@@ -183,7 +208,7 @@ impl Cluster {
                 .await
                 .with_context(|| format!("creating copyset {c}"))?;
         }
-        let targets = (0..s.iodepth)
+        let targets: Vec<Arc<Target>> = (0..s.iodepth)
             .map(|k| {
                 let copyset = 1 + (k as u32 % s.copysets);
                 let peers = members(&servers.nodes, copyset).into_values().collect();
@@ -194,6 +219,16 @@ impl Cluster {
                 })
             })
             .collect();
+        // Every writer's chunk now, and then full chunk file pools: a pool
+        // refills in the background after chunks are made, writing 16 MiB
+        // per file, and that is setup, not the steady state measured.
+        for t in &targets {
+            client
+                .write(&t.peers, t.copyset, t.chunk, 0, 0, &vec![0; s.bs])
+                .await
+                .with_context(|| format!("creating chunk {} of copyset {}", t.chunk, t.copyset))?;
+        }
+        wait_for_full_pools(&client, &servers.addrs).await?;
         let transport = match client.node().transport_to(servers.addrs[0]).await {
             Some(quiver_fabric::EndpointTransport::Verbs) => "verbs".to_string(),
             Some(_) => "tcp".to_string(),
