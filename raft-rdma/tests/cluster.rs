@@ -182,12 +182,19 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
     }
 }
 
-/// The leader's flush runs beside replication, and nothing acts on a commit
-/// before it: while the leader's log writer is held, its entry reaches both
-/// followers' logs, yet no node applies it and the client has no answer;
-/// once the writer goes on, all three apply it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_replicates_while_it_flushes_and_applies_only_once_durable() {
+/// Three nodes with one write applied everywhere, then the leader's log
+/// writer held (it runs a request's callback on its own thread, so one that
+/// blocks keeps every later batch from finishing) and a write in flight on
+/// the leader that has reached both followers' logs: the write's task, and
+/// the sender that lets the writer go on.
+struct HeldLeader {
+    nodes: Vec<Node>,
+    leader_id: u64,
+    write: tokio::task::JoinHandle<Result<(), String>>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+async fn hold_the_leaders_log_writer() -> HeldLeader {
     let config = raft_config();
     let mut nodes = Vec::new();
     for id in 1..=3 {
@@ -208,10 +215,8 @@ async fn a_leader_replicates_while_it_flushes_and_applies_only_once_durable() {
         .unwrap();
     all_applied(&all, 1).await;
 
-    // Hold the leader's log writer: it runs a request's callback on its own
-    // thread, so one that blocks keeps every later batch from finishing.
     let (held_tx, held_rx) = std::sync::mpsc::channel();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
     let vote = quiver_raft::log::Vote {
         term: 1,
         node: 1,
@@ -231,7 +236,12 @@ async fn a_leader_replicates_while_it_flushes_and_applies_only_once_durable() {
     held_rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let index = leader.engine.state(1).last.unwrap().index + 1;
     let raft = leader.raft.clone();
-    let write = tokio::spawn(async move { raft.client_write(Request(b"held".to_vec())).await });
+    let write = tokio::spawn(async move {
+        raft.client_write(Request(b"held".to_vec()))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
 
     let deadline = Instant::now() + Duration::from_secs(5);
     for f in nodes.iter().filter(|n| n.id != leader_id) {
@@ -264,15 +274,57 @@ async fn a_leader_replicates_while_it_flushes_and_applies_only_once_durable() {
         !write.is_finished(),
         "a write was answered before its leader's flush"
     );
+    HeldLeader {
+        nodes,
+        leader_id,
+        write,
+        release,
+    }
+}
 
-    release_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), write)
+/// The leader's flush runs beside replication, and nothing acts on a commit
+/// before it: while the leader's log writer is held, its entry reaches both
+/// followers' logs, yet no node applies it and the client has no answer;
+/// once the writer goes on, all three apply it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_replicates_while_it_flushes_and_applies_only_once_durable() {
+    let held = hold_the_leaders_log_writer().await;
+    held.release.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), held.write)
         .await
         .expect("the write is answered once the leader's flush is done")
         .unwrap()
         .unwrap();
+    let all: Vec<&Node> = held.nodes.iter().collect();
     all_applied(&all, 2).await;
-    for n in &nodes {
+    for n in &held.nodes {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+/// A leader that stops before its flush (its entry is on both followers,
+/// applied nowhere): the followers elect one of themselves, which commits
+/// the entry, and both apply the same log; the write the old leader never
+/// answered was not lost either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_followers_go_on_when_a_leader_stops_before_its_flush() {
+    let held = hold_the_leaders_log_writer().await;
+    let old = held.nodes.iter().find(|n| n.id == held.leader_id).unwrap();
+    old.fabric.shutdown();
+    old.raft.shutdown().await.unwrap();
+    old.server.abort();
+    let rest: Vec<&Node> = held
+        .nodes
+        .iter()
+        .filter(|n| n.id != held.leader_id)
+        .collect();
+    let new = leader(&rest, Duration::from_secs(5)).await;
+    assert_ne!(new, held.leader_id);
+    all_applied(&rest, 2).await;
+    assert_eq!(rest[0].machine.applied()[1], b"held".to_vec());
+    // The old leader's writer may go on now; its Raft is gone.
+    held.release.send(()).unwrap();
+    for n in &rest {
         n.raft.shutdown().await.unwrap();
     }
 }
