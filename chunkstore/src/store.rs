@@ -104,6 +104,12 @@ struct OpenFile {
     meta: MetaPage,
     /// The checksum table, in registered memory (written from here).
     crc: BufMut,
+    /// Checksum pages (one bit each) changed by writes without sync and not
+    /// written since: they go to disk at the next sync of the chunk, with
+    /// the data they cover. Until then a crash can leave those pages
+    /// reading as corrupt; a caller writing without sync replays its own
+    /// log over them (the Raft state machine does).
+    crc_unwritten: u64,
 }
 
 impl OpenFile {
@@ -138,11 +144,23 @@ impl OpenFile {
     }
 }
 
+// `OpenFile::crc_unwritten` has a bit per checksum page.
+const _: () = assert!(crate::format::CRC_PAGES <= 64);
+
+/// An operation in flight on a chunk, for ordering the next ones.
+struct InFlight {
+    pages: Range<usize>,
+    is_write: bool,
+    /// It writes checksum pages too (a sync write).
+    writes_crc: bool,
+    op: usize,
+}
+
 struct Chunk {
     file: OpenFile,
     snapshot: Option<OpenFile>,
-    /// Operations in flight on this chunk: (pages, is_write).
-    in_flight: Vec<(Range<usize>, bool, usize)>,
+    /// Operations in flight on this chunk.
+    in_flight: Vec<InFlight>,
     /// Operations waiting for an overlapping one to finish, in arrival order.
     waiting: VecDeque<usize>,
 }
@@ -405,6 +423,7 @@ impl ChunkStore {
             flushed_by_device,
             meta,
             crc,
+            crc_unwritten: 0,
         })
     }
 
@@ -597,11 +616,19 @@ impl ChunkStore {
         let mut device_flush_needed = false;
         for &key in dirty {
             self.drain_chunk(key)?;
-            let Some(chunk) = self.chunks.get(&key) else {
+            let Some(chunk) = self.chunks.get_mut(&key) else {
                 continue; // deleted since: its file went back to the pool
             };
-            // Its checksum pages went out with the data: only the sync is left.
-            let file = &chunk.file;
+            let file = &mut chunk.file;
+            // Checksum pages that writes without sync left for now.
+            while file.crc_unwritten != 0 {
+                let page = file.crc_unwritten.trailing_zeros() as usize;
+                let bytes = &file.crc[page * PAGE_BYTES..(page + 1) * PAGE_BYTES];
+                file.file
+                    .write_all_at(bytes, CRC_OFFSET + (page * PAGE_BYTES) as u64)
+                    .map_err(|e| StoreError::io("write checksums", &file.path, &e))?;
+                file.crc_unwritten &= !(1 << page);
+            }
             synced += 1;
             // Set only where the store has a device flush.
             if file.flushed_by_device {
@@ -806,24 +833,30 @@ impl ChunkStore {
             };
             let op = self.ops[index].as_ref().expect("waiting op is live");
             let is_write = matches!(op.kind, OpKind::Write { .. });
-            // The checksum pages a write rewrites (whole, from the table in
-            // memory): two writes sharing one must land in order too, or the
+            let writes_crc = matches!(op.kind, OpKind::Write { sync: true, .. });
+            // The checksum pages a sync write rewrites (whole, from the table
+            // in memory): two sharing one must land in order too, or the
             // older table page could be the one left on disk.
             let crc_pages = |r: &Range<usize>| {
                 r.start / PAGES_PER_CRC_PAGE..(r.end - 1) / PAGES_PER_CRC_PAGE + 1
             };
             let overlap = |a: &Range<usize>, b: &Range<usize>| a.start < b.end && b.start < a.end;
-            let blocked = chunk.in_flight.iter().any(|(pages, other_write, _)| {
-                ((is_write || *other_write) && overlap(pages, &op.pages))
-                    || (is_write
-                        && *other_write
-                        && overlap(&crc_pages(pages), &crc_pages(&op.pages)))
+            let blocked = chunk.in_flight.iter().any(|other| {
+                ((is_write || other.is_write) && overlap(&other.pages, &op.pages))
+                    || (writes_crc
+                        && other.writes_crc
+                        && overlap(&crc_pages(&other.pages), &crc_pages(&op.pages)))
             });
             if blocked {
                 return;
             }
             chunk.waiting.pop_front();
-            chunk.in_flight.push((op.pages.clone(), is_write, index));
+            chunk.in_flight.push(InFlight {
+                pages: op.pages.clone(),
+                is_write,
+                writes_crc,
+                op: index,
+            });
             if let Err(e) = self.issue_transfer(index) {
                 self.fail_op(index, e);
             }
@@ -844,7 +877,7 @@ impl ChunkStore {
                 self.ring
                     .read_fixed(file.slot, offset, target, token | TAG_DATA)
             }
-            OpKind::Write { data, .. } => {
+            OpKind::Write { data, sync } => {
                 // Verify-before-write: the checksum is computed from the very
                 // bytes the kernel will read.
                 for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
@@ -852,6 +885,17 @@ impl ChunkStore {
                 }
                 let first = op.pages.start / PAGES_PER_CRC_PAGE;
                 let last = (op.pages.end - 1) / PAGES_PER_CRC_PAGE;
+                let crc_bits = (u64::MAX >> (63 - (last - first))) << first;
+                if !*sync {
+                    // One IO, not two: the checksum pages wait for the next
+                    // sync of the chunk (`sync_chunks`).
+                    file.crc_unwritten |= crc_bits;
+                    op.pending = 1;
+                    return self
+                        .ring
+                        .write_fixed(file.slot, offset, data, token | TAG_DATA);
+                }
+                file.crc_unwritten &= !crc_bits;
                 let crc_bytes = &file.crc[first * PAGE_BYTES..(last + 1) * PAGE_BYTES];
                 let crc_index = file
                     .crc
@@ -888,7 +932,7 @@ impl ChunkStore {
         self.free_ops.push(index);
         let key = op.key;
         if let Some(chunk) = self.chunks.get_mut(&key) {
-            chunk.in_flight.retain(|(_, _, i)| *i != index);
+            chunk.in_flight.retain(|f| f.op != index);
         }
         let result = match (op.error, op.kind) {
             (Some(e), _) => Err(e),

@@ -148,6 +148,38 @@ fn pool_files_are_formatted_away_from_the_store() {
     assert_eq!(store.pool_free(), 2);
 }
 
+/// A write without sync leaves its checksum page for the chunk's next sync:
+/// one IO per write, and after `sync_dirty` a reopened store reads every
+/// such page back (the checksum pages reached the disk).
+#[test]
+fn checksums_of_writes_without_sync_reach_the_disk_at_the_next_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), 1);
+    store.create(key(1), 1).unwrap();
+    // Pages under the first and the last checksum page of the table.
+    let last = CHUNK_BYTES / PAGE_BYTES as u64 - 1;
+    for (i, p) in [0, 1, 5, last].into_iter().enumerate() {
+        store
+            .write(
+                key(1),
+                1,
+                p * PAGE_BYTES as u64,
+                &page(10 + i as u64),
+                false,
+            )
+            .unwrap();
+    }
+    assert_eq!(store.sync_dirty().unwrap(), 1);
+    drop(store);
+    let mut store = open(dir.path(), 1);
+    for (i, p) in [0, 1, 5, last].into_iter().enumerate() {
+        let read = store
+            .read(key(1), p * PAGE_BYTES as u64, PAGE_BYTES)
+            .unwrap();
+        assert_eq!(read[..], page(10 + i as u64)[..], "page {p}");
+    }
+}
+
 #[test]
 fn a_flipped_byte_is_a_corrupt_page_error() {
     let dir = tempfile::tempdir().unwrap();
