@@ -895,7 +895,8 @@ impl ChunkStore {
                         .ring
                         .write_fixed(file.slot, offset, data, token | TAG_DATA);
                 }
-                file.crc_unwritten &= !crc_bits;
+                // Pending bits stay set even though this write carries their
+                // pages: if it fails, the next sync must still write them.
                 let crc_bytes = &file.crc[first * PAGE_BYTES..(last + 1) * PAGE_BYTES];
                 let crc_index = file
                     .crc

@@ -542,6 +542,14 @@ impl Chunkserver {
         for (_, c) in copysets {
             let _ = c.raft.shutdown().await;
         }
+        // Applied writes left their checksum pages for the next sync: write
+        // them now, so a clean restart reads every page at once (a crash
+        // relies on Raft's replay instead).
+        let disk = Arc::clone(&self.0.disk);
+        let synced = tokio::task::spawn_blocking(move || disk.store().sync_dirty()).await;
+        if let Ok(Err(e)) = synced {
+            tracing::warn!(error = %e, "syncing chunks at shutdown failed");
+        }
         self.0.fabric.shutdown();
     }
 

@@ -60,17 +60,21 @@ fn to_raft(id: log::LogId) -> LogIdOf {
     openraft::LogId::new(LeaderId::new(id.term, id.node), id.index)
 }
 
+const TAG_BLANK: u8 = 0;
+const TAG_NORMAL: u8 = 1;
+const TAG_MEMBERSHIP: u8 = 2;
+
 fn encode(entry: &Entry<TypeConfig>) -> Vec<u8> {
     match &entry.payload {
-        EntryPayload::Blank => vec![0],
+        EntryPayload::Blank => vec![TAG_BLANK],
         EntryPayload::Normal(Request(bytes)) => {
             let mut out = Vec::with_capacity(1 + bytes.len());
-            out.push(1);
+            out.push(TAG_NORMAL);
             out.extend_from_slice(bytes);
             out
         }
         EntryPayload::Membership(m) => {
-            let mut out = vec![2];
+            let mut out = vec![TAG_MEMBERSHIP];
             serde_json::to_writer(&mut out, m).expect("a membership serializes");
             out
         }
@@ -88,9 +92,9 @@ fn decode(entry: &log::Entry) -> Result<Entry<TypeConfig>, Error> {
         )
     };
     let payload = match entry.payload.split_first() {
-        Some((0, [])) => EntryPayload::Blank,
-        Some((1, bytes)) => EntryPayload::Normal(Request(bytes.to_vec())),
-        Some((2, json)) => EntryPayload::Membership(
+        Some((&TAG_BLANK, [])) => EntryPayload::Blank,
+        Some((&TAG_NORMAL, bytes)) => EntryPayload::Normal(Request(bytes.to_vec())),
+        Some((&TAG_MEMBERSHIP, json)) => EntryPayload::Membership(
             serde_json::from_slice(json).map_err(|e| bad(format!("membership: {e}")))?,
         ),
         _ => return Err(bad("unknown entry payload tag".into()).into()),
@@ -169,9 +173,15 @@ impl DurableMark {
         Ok(())
     }
 
-    /// A request that ends the log at `last` is durable.
+    /// An append that ends at `last` is durable (and so is everything before
+    /// it). Never lowers the mark: only a truncate does ([`DurableMark::cut`]),
+    /// which openraft always makes before an append that overlaps.
     fn reached(&self, last: Option<LogIdOf>) {
-        self.0.send_modify(|p| p.last = last);
+        self.0.send_modify(|p| {
+            if last.map(|l| l.index) > p.last.map(|l| l.index) {
+                p.last = last;
+            }
+        });
     }
 
     /// The log was cut back to `last`.
@@ -257,16 +267,21 @@ impl LogStore {
 
     /// Whether `entries` are this node's own, appended as the leader of the
     /// current vote: entries carry their leader's (term, node), and only a
-    /// leader makes entries with its own in its term.
+    /// leader makes entries with its own in its term. A batch holding a
+    /// membership change is not: openraft lets the next change start once
+    /// the last one is committed in its view, and joint consensus needs that
+    /// commit to be real (durable on a majority) before it.
     fn own_as_leader(&self, entries: &[log::Entry]) -> bool {
         let (Some(node), Some(vote)) = (self.early_ack_as, self.engine.vote(self.group)) else {
             return false;
         };
         vote.node == node
             && vote.committed
-            && entries
-                .iter()
-                .all(|e| e.id.node == node && e.id.term == vote.term)
+            && entries.iter().all(|e| {
+                e.id.node == node
+                    && e.id.term == vote.term
+                    && e.payload.first() != Some(&TAG_MEMBERSHIP)
+            })
     }
 }
 
@@ -321,7 +336,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, Error> {
         Ok(self.engine.vote(self.group).map(|v| {
-            if v.committed {
+            // openraft 0.9 restarts a node whose saved vote is its own and
+            // committed as leader of that term at once. With early
+            // acknowledgements its log may have lost entries it sent (acked
+            // before their flush): in the same term it would hand out their
+            // ids again for other entries, and a follower holding the old ones
+            // would take the new ones as already there. As a candidate it must
+            // win a new term instead, whose first entry settles the log.
+            if v.committed && self.early_ack_as != Some(v.node) {
                 Vote::new_committed(v.term, v.node)
             } else {
                 Vote::new(v.term, v.node)
@@ -462,6 +484,36 @@ mod tests {
         );
         let off = LogStore::new(Arc::clone(&engine), 8);
         assert!(!off.own_as_leader(&[entry(3, 2, 3)]));
+
+        vote(4, 1, true);
+        let mut change = entry(4, 1, 4);
+        change.payload = vec![TAG_MEMBERSHIP].into();
+        assert!(
+            !store.own_as_leader(&[entry(4, 1, 3), change]),
+            "a membership change waits for its flush"
+        );
+    }
+
+    /// A restart must not bring the leader back in its old term: its log may
+    /// have lost entries whose ids it sent (see `read_vote`).
+    #[tokio::test]
+    async fn a_leader_acking_early_restarts_as_a_candidate() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(LogEngine::open(LogConfig::new(dir.path())).unwrap());
+        let mut early = LogStore::new(Arc::clone(&engine), 7).ack_own_appends_early(1);
+        let mut plain = LogStore::new(Arc::clone(&engine), 7);
+        early.save_vote(&Vote::new_committed(5, 1)).await.unwrap();
+        assert_eq!(early.read_vote().await.unwrap(), Some(Vote::new(5, 1)));
+        assert_eq!(
+            plain.read_vote().await.unwrap(),
+            Some(Vote::new_committed(5, 1))
+        );
+        // Another node's leadership stays as it was.
+        early.save_vote(&Vote::new_committed(6, 2)).await.unwrap();
+        assert_eq!(
+            early.read_vote().await.unwrap(),
+            Some(Vote::new_committed(6, 2))
+        );
     }
 
     #[tokio::test]
