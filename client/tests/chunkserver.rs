@@ -161,6 +161,66 @@ async fn a_writer_survives_kill_9_of_the_leader_and_the_leader_catches_up() {
     verify(&client, &addrs, Some(servers[killed].addr), &acked).await;
 }
 
+/// A leader killed mid-stream and restarted at once, before anyone else
+/// stands: it must not resume its old term (it acknowledged its own
+/// appends before their flush, so its log may have lost ids it sent), and
+/// every acknowledged write reads back from all three replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_at_once_wins_a_new_term_before_it_leads() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut servers, client) = cluster(root.path(), &Tuning::default()).await;
+    let addrs = addrs(&servers);
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let progress = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_stream(
+        Arc::clone(&client),
+        addrs.clone(),
+        0,
+        300,
+        Arc::clone(&acked),
+        Arc::clone(&progress),
+    ));
+    while progress.load(Ordering::Relaxed) < 100 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let all: Vec<&Server> = servers.iter().collect();
+    let old = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
+    let old_addr = servers.iter().find(|s| s.node == old).unwrap().addr;
+    let old_term = status_within(&client, old_addr, Duration::from_secs(5))
+        .await
+        .copysets[0]
+        .term;
+    let killed = servers.iter().position(|s| s.node == old).unwrap();
+    servers[killed].kill();
+    servers[killed].start();
+    // Until a new term, nobody may lead: not the restarted node in its old
+    // term, nor the others (their leader is the one that died).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status_within(&client, old_addr, Duration::from_secs(10)).await;
+        let c = &st.copysets[0];
+        assert!(
+            !(c.leader == Some(old) && c.term == old_term),
+            "node {old} came back as leader of its old term {old_term}"
+        );
+        if c.term > old_term && c.leader.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new term: {c:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    verify(&client, &addrs, None, &acked).await;
+    let all: Vec<&Server> = servers.iter().collect();
+    let new = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
+    let leader_addr = servers.iter().find(|s| s.node == new).unwrap().addr;
+    for s in &servers {
+        caught_up(&client, leader_addr, s.addr).await;
+        verify(&client, &addrs, Some(s.addr), &acked).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_with_a_wiped_disk_rejoins_through_a_snapshot() {
     let root = tempfile::tempdir().unwrap();
