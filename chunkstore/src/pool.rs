@@ -118,7 +118,6 @@ impl Pool {
         UnformattedFile {
             tmp: self.dir.join(format!("{number:08}.tmp")),
             done: self.dir.join(format!("{number:08}.chunk")),
-            dir: self.dir.clone(),
         }
     }
 
@@ -170,7 +169,6 @@ impl Pool {
 pub struct UnformattedFile {
     tmp: PathBuf,
     done: PathBuf,
-    dir: PathBuf,
 }
 
 impl UnformattedFile {
@@ -182,7 +180,11 @@ impl UnformattedFile {
             return Err(e);
         }
         fs::rename(&self.tmp, &self.done).map_err(|e| StoreError::io("rename", &self.tmp, &e))?;
-        sync_dir(&self.dir)
+        sync_dir(
+            self.done
+                .parent()
+                .expect("a pool file is in the pool directory"),
+        )
     }
 }
 

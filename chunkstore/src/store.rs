@@ -621,13 +621,9 @@ impl ChunkStore {
             };
             let file = &mut chunk.file;
             // Checksum pages that writes without sync left for now.
-            while file.crc_unwritten != 0 {
-                let page = file.crc_unwritten.trailing_zeros() as usize;
-                let bytes = &file.crc[page * PAGE_BYTES..(page + 1) * PAGE_BYTES];
-                file.file
-                    .write_all_at(bytes, CRC_OFFSET + (page * PAGE_BYTES) as u64)
-                    .map_err(|e| StoreError::io("write checksums", &file.path, &e))?;
-                file.crc_unwritten &= !(1 << page);
+            if file.crc_unwritten != 0 {
+                Self::write_crc_table(file)?;
+                file.crc_unwritten = 0;
             }
             synced += 1;
             // Set only where the store has a device flush.

@@ -46,6 +46,41 @@ async fn write_stream(
     }
 }
 
+/// A `write_stream` of `count` pages in the background.
+struct Stream {
+    writer: tokio::task::JoinHandle<()>,
+    acked: Arc<Mutex<BTreeMap<(u64, u64), u64>>>,
+    progress: Arc<AtomicU64>,
+}
+
+/// Starts a `write_stream` of `count` pages and returns once `started` of
+/// them are acknowledged.
+async fn stream_under_way(
+    client: &Arc<ChunkClient>,
+    addrs: &[SocketAddr],
+    count: u64,
+    started: u64,
+) -> Stream {
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let progress = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_stream(
+        Arc::clone(client),
+        addrs.to_vec(),
+        0,
+        count,
+        Arc::clone(&acked),
+        Arc::clone(&progress),
+    ));
+    while progress.load(Ordering::Relaxed) < started {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Stream {
+        writer,
+        acked,
+        progress,
+    }
+}
+
 /// Reads every acknowledged location back: from the leader, or from
 /// `replica` itself (a snapshot-fetch read) when given.
 async fn verify(
@@ -122,19 +157,11 @@ async fn a_writer_survives_kill_9_of_the_leader_and_the_leader_catches_up() {
     let root = tempfile::tempdir().unwrap();
     let (mut servers, client) = cluster(root.path(), &Tuning::default()).await;
     let addrs = addrs(&servers);
-    let acked = Arc::new(Mutex::new(BTreeMap::new()));
-    let progress = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_stream(
-        Arc::clone(&client),
-        addrs.clone(),
-        0,
-        400,
-        Arc::clone(&acked),
-        Arc::clone(&progress),
-    ));
-    while progress.load(Ordering::Relaxed) < 100 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let Stream {
+        writer,
+        acked,
+        progress,
+    } = stream_under_way(&client, &addrs, 400, 100).await;
     let all: Vec<&Server> = servers.iter().collect();
     let old = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
     let killed = servers.iter().position(|s| s.node == old).unwrap();
@@ -170,19 +197,7 @@ async fn a_leader_restarted_at_once_wins_a_new_term_before_it_leads() {
     let root = tempfile::tempdir().unwrap();
     let (mut servers, client) = cluster(root.path(), &Tuning::default()).await;
     let addrs = addrs(&servers);
-    let acked = Arc::new(Mutex::new(BTreeMap::new()));
-    let progress = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_stream(
-        Arc::clone(&client),
-        addrs.clone(),
-        0,
-        300,
-        Arc::clone(&acked),
-        Arc::clone(&progress),
-    ));
-    while progress.load(Ordering::Relaxed) < 100 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let Stream { writer, acked, .. } = stream_under_way(&client, &addrs, 300, 100).await;
     let all: Vec<&Server> = servers.iter().collect();
     let old = leader_of(&client, &all, COPYSET, Duration::from_secs(5)).await;
     let old_addr = servers.iter().find(|s| s.node == old).unwrap().addr;

@@ -122,9 +122,9 @@ async fn durable(f: impl FnOnce(log::Durable) -> Result<(), LogError>) -> Result
 /// How far a copyset's log is durable: the last entry of its longest
 /// flushed prefix, or `failed` once the log engine failed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DurablePoint {
-    pub last: Option<LogIdOf>,
-    pub failed: bool,
+struct DurablePoint {
+    last: Option<LogIdOf>,
+    failed: bool,
 }
 
 /// A copyset log's [`DurablePoint`], for what must not run ahead of it when
@@ -142,7 +142,7 @@ impl DurableMark {
         })))
     }
 
-    pub fn point(&self) -> DurablePoint {
+    fn point(&self) -> DurablePoint {
         *self.0.borrow()
     }
 
@@ -385,8 +385,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last = entries.last().map(|e| to_raft(e.id));
         let durable = self.durable.clone();
         let early = self.own_as_leader(&entries);
-        let mut callback = Some(callback);
-        let acked_now = if early { callback.take() } else { None };
+        // Acknowledged now (the leader's own) or once durable.
+        let (acked_now, callback) = if early {
+            (Some(callback), None)
+        } else {
+            (None, Some(callback))
+        };
         self.engine
             .append(
                 self.group,

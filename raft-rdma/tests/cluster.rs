@@ -82,6 +82,23 @@ fn raft_config() -> Arc<Config> {
     )
 }
 
+/// Three nodes, initialized as one group; and its first leader.
+async fn three_nodes() -> (Vec<Node>, u64) {
+    let config = raft_config();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start(id, Arc::clone(&config)).await);
+    }
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .map(|n| (n.id, BasicNode::new(n.fabric.addr.to_string())))
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let all: Vec<&Node> = nodes.iter().collect();
+    let first = leader(&all, Duration::from_secs(5)).await;
+    (nodes, first)
+}
+
 async fn leader(nodes: &[&Node], within: Duration) -> u64 {
     let deadline = Instant::now() + within;
     loop {
@@ -127,18 +144,8 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let config = raft_config();
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(start(id, Arc::clone(&config)).await);
-    }
-    let members: BTreeMap<u64, BasicNode> = nodes
-        .iter()
-        .map(|n| (n.id, BasicNode::new(n.fabric.addr.to_string())))
-        .collect();
-    nodes[0].raft.initialize(members).await.unwrap();
+    let (nodes, first) = three_nodes().await;
     let all: Vec<&Node> = nodes.iter().collect();
-    let first = leader(&all, Duration::from_secs(5)).await;
     let by_id = |id: u64| nodes.iter().find(|n| n.id == id).unwrap();
     for i in 0..50 {
         by_id(first)
@@ -195,18 +202,8 @@ struct HeldLeader {
 }
 
 async fn hold_the_leaders_log_writer() -> HeldLeader {
-    let config = raft_config();
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(start(id, Arc::clone(&config)).await);
-    }
-    let members: BTreeMap<u64, BasicNode> = nodes
-        .iter()
-        .map(|n| (n.id, BasicNode::new(n.fabric.addr.to_string())))
-        .collect();
-    nodes[0].raft.initialize(members).await.unwrap();
+    let (nodes, leader_id) = three_nodes().await;
     let all: Vec<&Node> = nodes.iter().collect();
-    let leader_id = leader(&all, Duration::from_secs(5)).await;
     let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
     leader
         .raft
