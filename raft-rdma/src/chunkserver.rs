@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 mod heartbeat;
 
 use crate::chunk_client::{call_chunk_service, ClientError};
+use crate::data::Data;
 use crate::log::{LogConfig, LogEngine};
 use crate::machine::{chunk_error, write_atomically, ChunkMachine, Disk};
 use crate::net::{handle_raft, FabricNode, Groups, Incoming, Network, Service};
@@ -50,9 +51,10 @@ pub struct RaftTuning {
     /// Entries kept in the log behind a snapshot (for slow followers).
     pub log_keep: u64,
     /// A snapshot and a purge of everything it covers, too, once a
-    /// copyset's log holds this many MiB of entries: entries stay in memory
-    /// until purged, and `snapshot_every` counts entries whatever their size
-    /// (20 000 writes of 256 KiB would be 5 GiB).
+    /// copyset's log holds this many MiB of entries (on disk; in memory only
+    /// until applied): `snapshot_every` counts entries whatever their size
+    /// (20 000 writes of 256 KiB would be 5 GiB). The name is from when
+    /// entries stayed in memory until purged.
     pub log_mem_mib: u64,
 }
 
@@ -581,7 +583,10 @@ impl Chunkserver {
     async fn handle_chunk(&self, rpc: Incoming) {
         let copyset = rpc.group as u32;
         let answer = match service::decode_request(rpc.kind, &rpc.body) {
-            Ok(request) => self.answer(copyset, rpc.kind, request, &rpc.body).await,
+            Ok(request) => {
+                let body = Data::Fabric(rpc.body.clone());
+                self.answer(copyset, rpc.kind, request, &body).await
+            }
             Err(e) => Err(e),
         };
         match answer {
@@ -607,13 +612,12 @@ impl Chunkserver {
         copyset: u32,
         kind: u8,
         request: Request<'_>,
-        body: &[u8],
+        body: &Data,
     ) -> Result<Vec<u8>, ChunkError> {
         match request {
             Request::Mutate(_) => {
-                let mut entry = Vec::with_capacity(1 + body.len());
-                entry.push(kind);
-                entry.extend_from_slice(body);
+                // The body goes into the log as it came off the fabric.
+                let entry = raft_store::Request::new(kind, body.clone());
                 self.propose_entry(copyset, entry).await?;
                 Ok(Vec::new())
             }
@@ -669,14 +673,18 @@ impl Chunkserver {
         }
     }
 
-    /// Proposes a log entry (kind byte + body) on `copyset`'s leader and
-    /// waits for its applied answer.
-    async fn propose_entry(&self, copyset: u32, entry: Vec<u8>) -> Result<(), ChunkError> {
+    /// Proposes a log entry on `copyset`'s leader and waits for its applied
+    /// answer.
+    async fn propose_entry(
+        &self,
+        copyset: u32,
+        entry: raft_store::Request,
+    ) -> Result<(), ChunkError> {
         let c = self.copyset(copyset)?;
         handing_over(copyset, &c)?;
         let response = c
             .raft
-            .client_write(raft_store::Request(entry))
+            .client_write(entry)
             .await
             .map_err(|e| self.write_error(copyset, e))?;
         service::decode_answer(&response.data.0[..1], &response.data.0[1..])
@@ -684,7 +692,8 @@ impl Chunkserver {
 
     /// Proposes a mutation of this server's own making (garbage deletion).
     async fn propose(&self, copyset: u32, m: Mutation<'_>) -> Result<(), ChunkError> {
-        self.propose_entry(copyset, service::encode_mutation(&m))
+        let (kind, body) = service::encode_mutation(&m);
+        self.propose_entry(copyset, raft_store::Request::new(kind, body))
             .await
     }
 
@@ -1079,7 +1088,7 @@ impl Chunkserver {
             &self.copyset_dir(id),
             self.0.addr.to_string(),
             Arc::clone(&self.0.fabric),
-            log_durable.clone(),
+            (log_durable.clone(), log_store.applied_mark()),
         )?;
         let raft = Raft::new(
             self.0.config.node_id,

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk_client::{call_chunk_service, ClientError};
 use crate::net::FabricNode;
 use crate::service::{self, ChunkError, Mutation, IO_BYTES_MAX, KIND_READ};
-use crate::store::{DurableMark, Response, TypeConfig};
+use crate::store::{AppliedMark, DurableMark, Response, TypeConfig};
 
 /// The file in a copyset's directory that keeps its synced applied point,
 /// membership and last snapshot (JSON, replaced atomically).
@@ -210,6 +210,8 @@ struct Shared {
     /// How far the copyset's log is durable: an entry is applied only once
     /// it is (the leader acknowledges its own appends to openraft early).
     log_durable: DurableMark,
+    /// Where the log learns what is applied.
+    log_applied: AppliedMark,
     /// The live state (its applied point runs ahead of the file's).
     state: Mutex<State>,
     /// Building and installing a snapshot both write the state file: one
@@ -236,7 +238,7 @@ impl ChunkMachine {
         dir: &Path,
         self_addr: String,
         fabric: Arc<FabricNode>,
-        log_durable: DurableMark,
+        (log_durable, log_applied): (DurableMark, AppliedMark),
     ) -> anyhow::Result<ChunkMachine> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(STATE_FILE);
@@ -253,6 +255,7 @@ impl ChunkMachine {
             self_addr,
             fabric,
             log_durable,
+            log_applied,
             state: Mutex::new(state),
             snapshotting: tokio::sync::Mutex::new(()),
         })))
@@ -565,9 +568,10 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<_> = entries.into_iter().collect();
-        if let Some(last) = entries.last() {
-            self.0.log_durable.wait_for(last.log_id.index).await?;
-        }
+        let Some(last) = entries.last().map(|e| e.log_id.index) else {
+            return Ok(Vec::new());
+        };
+        self.0.log_durable.wait_for(last).await?;
         let mut answers = Vec::new();
         let mut store = self.0.disk.store();
         for entry in entries {
@@ -580,8 +584,8 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
                     self.state().membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     Ok(())
                 }
-                EntryPayload::Normal(request) => match request.0.split_first() {
-                    Some((&kind, body)) => match service::decode_mutation(kind, body) {
+                EntryPayload::Normal(request) => {
+                    match service::decode_mutation(request.kind, &request.body) {
                         Ok(m) => match self.check_epoch(&m) {
                             Err(stale) => Err(stale),
                             Ok(raised) => {
@@ -595,9 +599,8 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
                             }
                         },
                         Err(e) => Err(e),
-                    },
-                    None => Err(ChunkError::BadRequest("an empty log entry".into())),
-                },
+                    }
+                }
             };
             let mut state = self.state();
             state.last_applied = Some(entry.log_id);
@@ -620,6 +623,8 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
                 }
             }));
         }
+        // (The store copied the data into its own buffers.)
+        self.0.log_applied.applied(last);
         Ok(answers)
     }
 

@@ -10,13 +10,13 @@
 //!
 //! Messages: a 9-byte header names the RPC (append, vote, snapshot) and the
 //! Raft group (copyset) it is for, so one fabric node carries every copyset
-//! of a server; the body is the openraft request or `Result<response,
-//! RaftError>` in bincode (entry payloads are raw bytes in it, not 3-4
-//! times their size as JSON would make them). The node carries a second service the same way, the
-//! chunk service of [`crate::service`] (its own AM id): a chunkserver has one
-//! fabric node for Raft between servers and for its clients.
-//! (Entry payloads are copied into that encoding: carrying them as fabric
-//! buffers without a copy is still to do.) A fabric
+//! of a server. An AppendEntries goes as [`crate::append`] lays it out (its
+//! fields in the header, the entries' data as the payload, a lone entry's
+//! fabric buffer sent as it is); other requests and every answer are
+//! bincode in the payload. The node carries a second service the same way,
+//! the chunk service of [`crate::service`] (its own AM id): a chunkserver
+//! has one fabric node for Raft between servers and for its clients.
+//! Incoming payloads are handed on in the fabric buffer they arrived in. A fabric
 //! failure to reach the peer (no connection, disconnect) is openraft's
 //! `Unreachable` (it backs off); a timeout or a bad answer is `Network`.
 
@@ -35,8 +35,8 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Raft};
-use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+use openraft::{BasicNode, EntryPayload, Raft};
+use quiver_fabric::arena::{Arena, ArenaConfig, Buf, SizeClass};
 use quiver_fabric::{
     AmData, Completion, EndpointId, EndpointTransport, Payload, RpcError, RpcId, RpcReply, Worker,
     WorkerConfig, WorkerWaker,
@@ -44,20 +44,22 @@ use quiver_fabric::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::append;
+use crate::data::Data;
 use crate::store::{DurableMark, TypeConfig};
 
-/// Bytes of entries one AppendEntries message carries at most: the
-/// fabric's 1 MiB message, less room for the request's other fields.
-const APPEND_BYTES_MAX: u64 = (1 << 20) - (2 << 10);
+/// Bytes of entry data one AppendEntries message carries at most: the
+/// fabric's 1 MiB message.
+const APPEND_BYTES_MAX: u64 = 1 << 20;
 
-/// How many entries go in each message so none exceeds `max` encoded bytes
-/// (an entry larger than `max` travels alone).
-fn split_entries<E: Serialize>(entries: &[E], max: u64) -> Vec<usize> {
+/// How many entries go in each message so none carries more than `max`
+/// bytes of data (an entry larger than `max` travels alone) or more than
+/// [`append::ENTRIES_MAX`] entries.
+fn split_entries(sizes: impl IntoIterator<Item = u64>, max: u64) -> Vec<usize> {
     let mut parts = Vec::new();
     let (mut count, mut bytes) = (0usize, 0u64);
-    for e in entries {
-        let size = bincode::serialized_size(e).unwrap_or(max);
-        if count > 0 && bytes + size > max {
+    for size in sizes {
+        if count > 0 && (bytes + size > max || count == append::ENTRIES_MAX) {
             parts.push(count);
             (count, bytes) = (0, 0);
         }
@@ -119,12 +121,20 @@ pub enum CallError {
 
 type Answer = tokio::sync::oneshot::Sender<Result<RpcReply, CallError>>;
 
+/// A message's payload, as the runtime hands it to the fabric thread.
+enum Body {
+    /// Copied by the fabric (inline when small, into its arena otherwise).
+    Bytes(Vec<u8>),
+    /// Sent from where it is.
+    Buf(Buf),
+}
+
 enum Cmd {
     Call {
         addr: SocketAddr,
         service: Service,
-        header: [u8; HEADER_BYTES],
-        body: Vec<u8>,
+        header: Vec<u8>,
+        body: Body,
         timeout: Duration,
         answer: Answer,
     },
@@ -146,7 +156,10 @@ pub struct Incoming {
     pub service: Service,
     pub kind: u8,
     pub group: u64,
-    pub body: Vec<u8>,
+    /// The header past kind and group (an AppendEntries' fields).
+    pub meta: Buf,
+    /// The payload, in the fabric buffer it arrived in.
+    pub body: Buf,
     pub reply: Replier,
 }
 
@@ -238,7 +251,7 @@ impl FabricNode {
                 service.am_id(),
                 Box::new(move |ctx, m| {
                     let body = match m.data {
-                        AmData::Eager(p) | AmData::Pulled(p) => p.to_vec(),
+                        AmData::Eager(p) | AmData::Pulled(p) => p,
                         AmData::Rendezvous(desc) => {
                             if let Err(e) = ctx.pull_into_arena(desc) {
                                 tracing::warn!(error = %e, ?service, "dropping an RPC");
@@ -247,14 +260,14 @@ impl FabricNode {
                         }
                         AmData::Aborted => return,
                     };
-                    let (Ok(h), Some(reply_to)) =
-                        (<[u8; HEADER_BYTES]>::try_from(&m.header[..]), m.reply_to)
+                    let (Some(h), Some(reply_to)) = (m.header.get(..HEADER_BYTES), m.reply_to)
                     else {
                         tracing::warn!(?service, "a message that is not an RPC of the service");
                         return;
                     };
                     let kind = h[0];
                     let group = u64::from_le_bytes(h[1..].try_into().expect("8 bytes"));
+                    let meta = m.header.slice(HEADER_BYTES..m.header.len());
                     let reply = Replier {
                         ep: ctx.endpoint(),
                         service,
@@ -265,6 +278,7 @@ impl FabricNode {
                         service,
                         kind,
                         group,
+                        meta,
                         body,
                         reply,
                     };
@@ -298,11 +312,26 @@ impl FabricNode {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<RpcReply, CallError> {
+        let header = header(kind, group).to_vec();
+        self.call_with(addr, service, header, Body::Bytes(body), timeout)
+            .await
+    }
+
+    /// [`FabricNode::call`] with a header (kind and group first) and a
+    /// payload of the caller's making.
+    async fn call_with(
+        &self,
+        addr: SocketAddr,
+        service: Service,
+        header: Vec<u8>,
+        body: Body,
+        timeout: Duration,
+    ) -> Result<RpcReply, CallError> {
         let (answer, rx) = tokio::sync::oneshot::channel();
         if !self.link.push(Cmd::Call {
             addr,
             service,
-            header: header(kind, group),
+            header,
             body,
             timeout,
             answer,
@@ -383,13 +412,11 @@ fn serve(
                             }
                         },
                     };
-                    match worker.rpc_call(
-                        ep,
-                        service.am_id(),
-                        &header,
-                        Payload::Bytes(&body),
-                        timeout,
-                    ) {
+                    let payload = match &body {
+                        Body::Bytes(b) => Payload::Bytes(b),
+                        Body::Buf(b) => Payload::Buf(b.clone()),
+                    };
+                    match worker.rpc_call(ep, service.am_id(), &header, payload, timeout) {
                         Ok(id) => {
                             calls.insert((ep, id), answer);
                         }
@@ -467,7 +494,15 @@ pub fn handle_raft(groups: &Groups, rpc: Incoming) {
     };
     tokio::spawn(async move {
         let body = match rpc.kind {
-            KIND_APPEND => answer(&rpc.body, |r| raft.append_entries(r)).await,
+            KIND_APPEND => {
+                match append::decode_request(&rpc.meta, &Data::Fabric(rpc.body.clone())) {
+                    Ok(request) => bincode::serialize(&raft.append_entries(request).await).ok(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "an undecodable AppendEntries");
+                        return;
+                    }
+                }
+            }
             KIND_VOTE => answer(&rpc.body, |r| raft.vote(r)).await,
             KIND_SNAPSHOT => answer(&rpc.body, |r| raft.install_snapshot(r)).await,
             other => {
@@ -558,23 +593,55 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let body =
+            bincode::serialize(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let header = header(kind, self.group).to_vec();
+        self.call_with(header, Body::Bytes(body), option).await
+    }
+
+    /// Sends one AppendEntries: a lone entry's fabric buffer is the payload
+    /// as it is; several entries' data are gathered into one (a copy).
+    async fn call_append(
+        &self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        let encoded = append::encode_request(rpc);
+        let mut header = header(KIND_APPEND, self.group).to_vec();
+        header.extend_from_slice(&encoded.header);
+        let mut nonempty = encoded.data.iter().filter(|d| !d.is_empty());
+        let body = match (nonempty.next(), nonempty.next()) {
+            (Some(Data::Fabric(buf)), None) => Body::Buf(buf.clone()),
+            _ => {
+                let mut gathered = Vec::with_capacity(encoded.data_len());
+                for d in &encoded.data {
+                    gathered.extend_from_slice(d);
+                }
+                Body::Bytes(gathered)
+            }
+        };
+        self.call_with(header, body, option).await
+    }
+
+    async fn call_with<Resp, E>(
+        &self,
+        header: Vec<u8>,
+        body: Body,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let addr = self.addr.ok_or_else(|| {
             RPCError::Unreachable(Unreachable::new(&CallError::Unreachable {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                 why: format!("bad node address {:?}", self.addr_text),
             }))
         })?;
-        let body =
-            bincode::serialize(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let answer = self
             .node
-            .call(
-                addr,
-                Service::Raft,
-                (kind, self.group),
-                body,
-                option.hard_ttl(),
-            )
+            .call_with(addr, Service::Raft, header, body, option.hard_ttl())
             .await
             .map_err(|e| match e {
                 CallError::Rpc(RpcError::Timeout) | CallError::Rpc(RpcError::BadMessage(_)) => {
@@ -601,9 +668,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // starting where the last ended: the follower treats them as the
         // one append (it commits only up to what it holds), and the first
         // answer other than success is the answer.
-        let parts = split_entries(&rpc.entries, APPEND_BYTES_MAX);
+        let sizes = rpc.entries.iter().map(|e| match &e.payload {
+            EntryPayload::Normal(r) => r.body.len() as u64,
+            // Small, except a membership's JSON: a generous bound.
+            _ => 64 << 10,
+        });
+        let parts = split_entries(sizes, APPEND_BYTES_MAX);
         if parts.len() <= 1 {
-            return self.call(KIND_APPEND, &rpc, &option).await;
+            return self.call_append(&rpc, &option).await;
         }
         let AppendEntriesRequest {
             vote,
@@ -621,7 +693,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 leader_commit,
                 entries: part,
             };
-            match self.call(KIND_APPEND, &request, &option).await? {
+            match self.call_append(&request, &option).await? {
                 AppendEntriesResponse::Success => prev_log_id = last,
                 other => return Ok(other),
             }
@@ -652,16 +724,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::split_entries;
+    use crate::append::ENTRIES_MAX;
 
     #[test]
     fn entries_split_into_messages_under_the_limit() {
-        let entries: Vec<Vec<u8>> = [100, 500, 300, 900, 50, 2000, 10]
-            .iter()
-            .map(|n| vec![0u8; *n])
-            .collect();
-        // bincode adds 8 bytes of length to each.
-        assert_eq!(split_entries(&entries, 1000), [3, 2, 1, 1]);
-        assert_eq!(split_entries(&entries, 1 << 20), [7]);
-        assert!(split_entries::<Vec<u8>>(&[], 1000).is_empty());
+        let sizes = [100, 500, 300, 900, 50, 2000, 10];
+        assert_eq!(split_entries(sizes, 1000), [3, 2, 1, 1]);
+        assert_eq!(split_entries(sizes, 1 << 20), [7]);
+        assert!(split_entries([], 1000).is_empty());
+        let many = std::iter::repeat_n(0, 200);
+        assert_eq!(split_entries(many, 1000), [ENTRIES_MAX, 200 - ENTRIES_MAX]);
     }
 }

@@ -232,9 +232,9 @@ pub fn delete_body(chunk: u64) -> Vec<u8> {
     chunk.to_le_bytes().to_vec()
 }
 
-/// A mutation as a log entry: its kind byte, then its body.
-pub fn encode_mutation(m: &Mutation<'_>) -> Vec<u8> {
-    let (kind, body) = match *m {
+/// A mutation as a request: its kind and its body.
+pub fn encode_mutation(m: &Mutation<'_>) -> (u8, Vec<u8>) {
+    match *m {
         Mutation::Write {
             chunk,
             offset,
@@ -243,11 +243,7 @@ pub fn encode_mutation(m: &Mutation<'_>) -> Vec<u8> {
             data,
         } => (KIND_WRITE, write_body(chunk, offset, sn, epoch, data)),
         Mutation::Delete { chunk } => (KIND_DELETE, delete_body(chunk)),
-    };
-    let mut entry = Vec::with_capacity(1 + body.len());
-    entry.push(kind);
-    entry.extend_from_slice(&body);
-    entry
+    }
 }
 
 /// Decodes a request of `kind` from its body, checking IO ranges.

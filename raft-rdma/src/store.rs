@@ -8,8 +8,10 @@
 //! [`DurableMark`] instead ([`LogStore::ack_own_appends_early`]). 0.10.0-alpha.37 was measured
 //! against it and not taken: ARCHITECTURE.md says why.
 //!
-//! Entry payloads on disk: one tag byte, then the request's bytes (`1`), the
-//! membership as JSON (`2`, rare), or nothing for a blank entry (`0`).
+//! Entry payloads on disk: one tag byte, then the request's body (`0x80 |
+//! kind`; `1` for a kind byte then the body, as logs written before bodies
+//! were kept as they arrived), the membership as JSON (`2`, rare), or
+//! nothing for a blank entry (`0`).
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -23,11 +25,40 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::data::Data;
 use crate::log::{self, LogEngine, LogError};
 
-/// A client request as Raft carries it: opaque bytes the state machine decodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request(#[serde(with = "serde_bytes")] pub Vec<u8>);
+/// A client request as Raft carries it: a kind and a body the state
+/// machine decodes, the body kept where it arrived (see [`Data`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub kind: u8,
+    pub body: Data,
+}
+
+impl Request {
+    pub fn new(kind: u8, body: impl Into<Data>) -> Request {
+        Request {
+            kind,
+            body: body.into(),
+        }
+    }
+}
+
+// openraft's `serde` feature asks for these; the fabric carries entries in
+// its own encoding (`crate::append`), so they only serve tools.
+impl Serialize for Request {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.kind, serde_bytes::Bytes::new(&self.body)).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Request, D::Error> {
+        let (kind, body) = <(u8, serde_bytes::ByteBuf)>::deserialize(d)?;
+        Ok(Request::new(kind, body.into_vec()))
+    }
+}
 
 /// What applying a request answered.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -48,7 +79,7 @@ openraft::declare_raft_types!(
 type LogIdOf = openraft::LogId<u64>;
 type Error = StorageError<u64>;
 
-fn to_ours(id: &LogIdOf) -> log::LogId {
+pub(crate) fn to_ours(id: &LogIdOf) -> log::LogId {
     log::LogId {
         term: id.leader_id.term,
         node: id.leader_id.node_id,
@@ -56,28 +87,60 @@ fn to_ours(id: &LogIdOf) -> log::LogId {
     }
 }
 
-fn to_raft(id: log::LogId) -> LogIdOf {
+pub(crate) fn to_raft(id: log::LogId) -> LogIdOf {
     openraft::LogId::new(LeaderId::new(id.term, id.node), id.index)
 }
 
 const TAG_BLANK: u8 = 0;
+/// A request whose data is its kind byte, then its body (every request
+/// before bodies were kept as they arrived; now only kinds from 0x80 on).
 const TAG_NORMAL: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
+/// A request of kind `k` (below 0x80) is tagged `TAG_REQUEST | k`, its data
+/// the body alone: so the body is written from where it arrived, with no
+/// copy to put the kind in front.
+const TAG_REQUEST: u8 = 0x80;
 
-fn encode(entry: &Entry<TypeConfig>) -> Vec<u8> {
-    match &entry.payload {
-        EntryPayload::Blank => vec![TAG_BLANK],
-        EntryPayload::Normal(Request(bytes)) => {
-            let mut out = Vec::with_capacity(1 + bytes.len());
-            out.push(TAG_NORMAL);
-            out.extend_from_slice(bytes);
-            out
+/// The log's tag and data of an entry: a request's bytes are held as they
+/// are, not copied.
+pub(crate) fn encode(payload: &EntryPayload<TypeConfig>) -> (u8, Data) {
+    match payload {
+        EntryPayload::Blank => (TAG_BLANK, Data::default()),
+        EntryPayload::Normal(r) if r.kind < TAG_REQUEST => (TAG_REQUEST | r.kind, r.body.clone()),
+        EntryPayload::Normal(r) => {
+            let mut data = Vec::with_capacity(1 + r.body.len());
+            data.push(r.kind);
+            data.extend_from_slice(&r.body);
+            (TAG_NORMAL, data.into())
         }
-        EntryPayload::Membership(m) => {
-            let mut out = vec![TAG_MEMBERSHIP];
-            serde_json::to_writer(&mut out, m).expect("a membership serializes");
-            out
-        }
+        EntryPayload::Membership(m) => (
+            TAG_MEMBERSHIP,
+            serde_json::to_vec(m)
+                .expect("a membership serializes")
+                .into(),
+        ),
+    }
+}
+
+/// An entry's payload from its log tag and data.
+pub(crate) fn decode_payload(tag: u8, data: &Data) -> Result<EntryPayload<TypeConfig>, String> {
+    match tag {
+        TAG_BLANK if data.is_empty() => Ok(EntryPayload::Blank),
+        TAG_NORMAL => match data.first() {
+            Some(&kind) => Ok(EntryPayload::Normal(Request::new(
+                kind,
+                data.slice(1..data.len()),
+            ))),
+            None => Err("a request without its kind".into()),
+        },
+        _ if tag & TAG_REQUEST != 0 => Ok(EntryPayload::Normal(Request::new(
+            tag & !TAG_REQUEST,
+            data.clone(),
+        ))),
+        TAG_MEMBERSHIP => serde_json::from_slice(data)
+            .map(EntryPayload::Membership)
+            .map_err(|e| format!("membership: {e}")),
+        _ => Err(format!("unknown entry payload tag {tag}")),
     }
 }
 
@@ -91,14 +154,7 @@ fn decode(entry: &log::Entry) -> Result<Entry<TypeConfig>, Error> {
             openraft::AnyError::error(what),
         )
     };
-    let payload = match entry.payload.split_first() {
-        Some((&TAG_BLANK, [])) => EntryPayload::Blank,
-        Some((&TAG_NORMAL, bytes)) => EntryPayload::Normal(Request(bytes.to_vec())),
-        Some((&TAG_MEMBERSHIP, json)) => EntryPayload::Membership(
-            serde_json::from_slice(json).map_err(|e| bad(format!("membership: {e}")))?,
-        ),
-        _ => return Err(bad("unknown entry payload tag".into()).into()),
-    };
+    let payload = decode_payload(entry.tag, &entry.data).map_err(bad)?;
     Ok(Entry {
         log_id: to_raft(entry.id),
         payload,
@@ -125,6 +181,21 @@ async fn durable(f: impl FnOnce(log::Durable) -> Result<(), LogError>) -> Result
 struct DurablePoint {
     last: Option<LogIdOf>,
     failed: bool,
+}
+
+/// Tells a copyset's log how far its state machine has applied: the data
+/// of those entries leave memory (fabric buffers go back to the fabric) and
+/// are read from disk if a follower still wants them.
+#[derive(Clone)]
+pub struct AppliedMark {
+    engine: Arc<LogEngine>,
+    group: u64,
+}
+
+impl AppliedMark {
+    pub fn applied(&self, index: u64) {
+        self.engine.release(self.group, index);
+    }
 }
 
 /// A copyset log's [`DurablePoint`], for what must not run ahead of it when
@@ -210,7 +281,7 @@ pub struct LogStore {
     early_ack_as: Option<u64>,
 }
 
-/// Raised when a copyset's log holds more than `limit` bytes in memory:
+/// Raised when a copyset's log holds more than `limit` bytes of entries:
 /// whoever waits on it snapshots and purges (openraft's own policy counts
 /// entries, whatever their size).
 pub struct LogPressure {
@@ -247,6 +318,14 @@ impl LogStore {
         self.durable.clone()
     }
 
+    /// For the state machine to say what it has applied.
+    pub fn applied_mark(&self) -> AppliedMark {
+        AppliedMark {
+            engine: Arc::clone(&self.engine),
+            group: self.group,
+        }
+    }
+
     /// Acknowledges the appends node `node` makes as leader before they are
     /// flushed, so that it replicates an entry while it writes it (openraft
     /// 0.9 replicates only once the leader's append is acknowledged: the
@@ -277,11 +356,9 @@ impl LogStore {
         };
         vote.node == node
             && vote.committed
-            && entries.iter().all(|e| {
-                e.id.node == node
-                    && e.id.term == vote.term
-                    && e.payload.first() != Some(&TAG_MEMBERSHIP)
-            })
+            && entries
+                .iter()
+                .all(|e| e.id.node == node && e.id.term == vote.term && e.tag != TAG_MEMBERSHIP)
     }
 }
 
@@ -300,8 +377,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i,
             Bound::Unbounded => u64::MAX,
         };
+        // (Entries no longer in memory are read from disk here, on the
+        // runtime's thread: only a lagging follower's catch-up wants them.)
         self.engine
             .entries(self.group, from, to)
+            .map_err(|e| Error::from(StorageIOError::read_logs(openraft::AnyError::error(e))))?
             .iter()
             .map(decode)
             .collect()
@@ -377,9 +457,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<log::Entry> = entries
             .into_iter()
-            .map(|e| log::Entry {
-                id: to_ours(&e.log_id),
-                payload: encode(&e).into(),
+            .map(|e| {
+                let (tag, data) = encode(&e.payload);
+                log::Entry {
+                    id: to_ours(&e.log_id),
+                    tag,
+                    data,
+                }
             })
             .collect();
         let last = entries.last().map(|e| to_raft(e.id));
@@ -449,7 +533,8 @@ mod tests {
     fn entry(term: u64, node: u64, index: u64) -> log::Entry {
         log::Entry {
             id: to_ours(&id(term, node, index)),
-            payload: vec![1].into(),
+            tag: TAG_NORMAL,
+            data: Data::default(),
         }
     }
 
@@ -491,7 +576,7 @@ mod tests {
 
         vote(4, 1, true);
         let mut change = entry(4, 1, 4);
-        change.payload = vec![TAG_MEMBERSHIP].into();
+        change.tag = TAG_MEMBERSHIP;
         assert!(
             !store.own_as_leader(&[entry(4, 1, 3), change]),
             "a membership change waits for its flush"

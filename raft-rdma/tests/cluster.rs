@@ -150,7 +150,7 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
     for i in 0..50 {
         by_id(first)
             .raft
-            .client_write(Request(format!("write {i}").into_bytes()))
+            .client_write(Request::new(1, format!("write {i}").into_bytes()))
             .await
             .unwrap();
     }
@@ -177,7 +177,7 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
     for i in 50..70 {
         by_id(second)
             .raft
-            .client_write(Request(format!("write {i}").into_bytes()))
+            .client_write(Request::new(1, format!("write {i}").into_bytes()))
             .await
             .unwrap();
     }
@@ -207,7 +207,7 @@ async fn hold_the_leaders_log_writer() -> HeldLeader {
     let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
     leader
         .raft
-        .client_write(Request(b"before".to_vec()))
+        .client_write(Request::new(1, b"before".to_vec()))
         .await
         .unwrap();
     all_applied(&all, 1).await;
@@ -234,7 +234,7 @@ async fn hold_the_leaders_log_writer() -> HeldLeader {
     let index = leader.engine.state(1).last.unwrap().index + 1;
     let raft = leader.raft.clone();
     let write = tokio::spawn(async move {
-        raft.client_write(Request(b"held".to_vec()))
+        raft.client_write(Request::new(1, b"held".to_vec()))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -245,8 +245,9 @@ async fn hold_the_leaders_log_writer() -> HeldLeader {
         let holds_it = || {
             f.engine
                 .entries(1, index, index + 1)
+                .unwrap()
                 .first()
-                .is_some_and(|e| e.id.node == leader_id && e.payload.ends_with(b"held"))
+                .is_some_and(|e| e.id.node == leader_id && e.data.ends_with(b"held"))
         };
         while !holds_it() {
             assert!(
@@ -344,7 +345,7 @@ async fn a_node_joins_and_another_leaves_by_membership_change() {
     let leader_raft = nodes[leader_id as usize - 1].raft.clone();
     for i in 0..20 {
         leader_raft
-            .client_write(Request(format!("before {i}").into_bytes()))
+            .client_write(Request::new(1, format!("before {i}").into_bytes()))
             .await
             .unwrap();
     }
@@ -359,7 +360,7 @@ async fn a_node_joins_and_another_leaves_by_membership_change() {
         .unwrap();
     for i in 0..20 {
         leader_raft
-            .client_write(Request(format!("after {i}").into_bytes()))
+            .client_write(Request::new(1, format!("after {i}").into_bytes()))
             .await
             .unwrap();
     }

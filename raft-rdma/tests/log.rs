@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use quiver_raft::data::Data;
 use quiver_raft::log::{wait_durable, Entry, LogConfig, LogEngine, LogError, LogId, Vote};
 
 fn id(index: u64) -> LogId {
@@ -18,7 +19,7 @@ fn id(index: u64) -> LogId {
     }
 }
 
-fn payload(group: u64, index: u64) -> Arc<[u8]> {
+fn payload(group: u64, index: u64) -> Data {
     let len = ((group * 131 + index * 17) % 3000) as usize;
     (0..len)
         .map(|i| (i as u64 ^ group ^ index) as u8)
@@ -30,7 +31,8 @@ fn entries(group: u64, from: u64, to: u64) -> Vec<Entry> {
     (from..to)
         .map(|i| Entry {
             id: id(i),
-            payload: payload(group, i),
+            tag: (i % 200) as u8,
+            data: payload(group, i),
         })
         .collect()
 }
@@ -48,7 +50,7 @@ fn small(dir: &std::path::Path) -> LogConfig {
 }
 
 fn check(log: &LogEngine, group: u64, from: u64, to: u64) {
-    let got = log.entries(group, from, to);
+    let got = log.entries(group, from, to).unwrap();
     assert_eq!(
         got,
         entries(group, from, to),
@@ -152,7 +154,7 @@ fn purged_segments_are_deleted_and_the_rest_recovers() {
     assert_eq!(log.state(2).purged, Some(id(350)));
     check(&log, 1, 301, 402);
     check(&log, 2, 351, 401);
-    assert!(log.entries(1, 1, 301).is_empty());
+    assert!(log.entries(1, 1, 301).unwrap().is_empty());
 }
 
 /// The last batch torn on disk: recovery keeps everything before it, and
@@ -446,4 +448,71 @@ fn retired_segments_are_reused_and_their_old_records_never_come_back() {
         assert!(files <= 8, "{files} files in the log directory");
     }
     assert!(reused > 0, "no segment was reused");
+}
+
+#[test]
+fn applied_entries_leave_memory_and_read_back_from_their_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    // Several segments' worth (256 KiB each), so reads cross rolls.
+    append(&log, 1, 1, 601);
+    append(&log, 2, 1, 101);
+    let held = |g| log.held_bytes(g);
+    let all: u64 = entries(1, 1, 601).iter().map(|e| e.data.len() as u64).sum();
+    assert_eq!(held(1), all, "nothing released yet: all in memory");
+    log.release(1, 400);
+    let rest: u64 = entries(1, 401, 601)
+        .iter()
+        .map(|e| e.data.len() as u64)
+        .sum();
+    assert_eq!(held(1), rest);
+    check(&log, 1, 1, 601);
+    check(&log, 1, 390, 410);
+    check(&log, 2, 1, 101);
+    // A truncate, then appends again: new entries are held until released.
+    wait_durable(|done| log.truncate(1, 350, done)).unwrap();
+    append(&log, 1, 350, 451);
+    assert!(held(1) > 0);
+    check(&log, 1, 340, 451);
+    log.release(1, 450);
+    assert_eq!(held(1), 0);
+    check(&log, 1, 1, 451);
+    drop(log);
+    // After a restart every entry is on disk only.
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    assert_eq!(log.held_bytes(1), 0);
+    check(&log, 1, 1, 451);
+    check(&log, 2, 1, 101);
+}
+
+#[test]
+fn a_released_entrys_fabric_buffer_goes_back_to_the_fabric() {
+    use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+    let arena = Arena::new(&ArenaConfig {
+        classes: vec![SizeClass {
+            buf_bytes: 4096,
+            count: 1,
+        }],
+        huge_pages: false,
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    let mut buf = arena.alloc(3000).unwrap();
+    buf.fill(7);
+    let entry = Entry {
+        id: id(1),
+        tag: 1,
+        data: Data::from(buf.freeze()),
+    };
+    wait_durable(|done| log.append(1, vec![entry.clone()], done)).unwrap();
+    let held = log.entries(1, 1, 2).unwrap();
+    assert!(held[0].data.fabric_buf().is_some(), "held as it came");
+    drop((entry, held));
+    assert!(arena.alloc(100).is_err(), "the log holds the only buffer");
+    log.release(1, 1);
+    assert!(arena.alloc(100).is_ok(), "released");
+    let back = log.entries(1, 1, 2).unwrap();
+    assert_eq!(&back[0].data[..], &[7u8; 3000][..]);
+    assert!(back[0].data.fabric_buf().is_none());
 }

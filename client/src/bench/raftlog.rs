@@ -12,6 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use quiver_raft::data::Data;
 use quiver_raft::log::{Entry, LogConfig, LogEngine, LogId, LogStats};
 
 use super::RunStats;
@@ -28,13 +29,14 @@ pub fn run(dir: &Path, groups: u64, bs: usize, duration: Duration) -> anyhow::Re
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     let engine = Arc::new(LogEngine::open(LogConfig::new(dir)).context("opening the log")?);
-    let payload: Arc<[u8]> = vec![0x5a; bs].into();
+    // A payload of `bs` bytes: the tag byte and the data.
+    let payload = Data::from(vec![0x5a; bs.saturating_sub(1)]);
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let threads: Vec<_> = (0..groups)
         .map(|group| {
             let engine = Arc::clone(&engine);
-            let payload = Arc::clone(&payload);
+            let payload = payload.clone();
             std::thread::spawn(move || -> anyhow::Result<Vec<(Instant, Instant)>> {
                 let mut times = Vec::new();
                 let mut index = 1;
@@ -47,7 +49,8 @@ pub fn run(dir: &Path, groups: u64, bs: usize, duration: Duration) -> anyhow::Re
                             node: 1,
                             index,
                         },
-                        payload: Arc::clone(&payload),
+                        tag: 1,
+                        data: payload.clone(),
                     };
                     engine.append(
                         group,

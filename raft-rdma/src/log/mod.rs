@@ -7,8 +7,10 @@
 //! 4 KiB), issues one fdatasync, and only then reports each request durable
 //! (group commit). Appends are visible to readers at once (Raft reads entries
 //! back to replicate them before they are durable); their durability is
-//! reported through the callback. Entries stay in memory until purged, so
-//! reads never touch the disk.
+//! reported through the callback. An entry's data stay in memory as given
+//! (a fabric buffer, on the write path) until the Raft layer has applied it
+//! ([`LogEngine::release`]) and it is written; then only where its record
+//! lies is kept, and a read takes it from disk.
 //!
 //! Recovery reads the segments in order and replays them; it stops at the
 //! first record that fails its checksum in the last segment (a torn batch:
@@ -30,7 +32,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 
 use quiver_chunkstore::flush::DeviceFlush;
@@ -38,6 +40,7 @@ use quiver_chunkstore::uring::Ring;
 use quiver_chunkstore::StoreError;
 use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
 
+use crate::data::Data;
 pub use record::{LogId, Vote};
 use record::{Next, Record, PAGE_BYTES};
 
@@ -115,11 +118,14 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> L
     }
 }
 
-/// One log entry: its id and the Raft layer's encoded payload.
+/// One log entry: its id, the Raft layer's tag byte (what kind of entry)
+/// and its data. On disk the record's payload is the tag, then the data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub id: LogId,
-    pub payload: Arc<[u8]>,
+    pub tag: u8,
+    /// Held as given (a fabric buffer stays one) until purged.
+    pub data: Data,
 }
 
 /// What a group's log holds.
@@ -134,11 +140,39 @@ pub struct LogState {
 /// Called once a request is durable (or failed).
 pub type Durable = Box<dyn FnOnce(Result<(), LogError>) + Send>;
 
+/// Where a record lies: its segment's sequence number and its offset there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct At {
+    seq: u64,
+    offset: u64,
+}
+
+/// An entry as the log keeps it: its data in memory until the Raft layer
+/// is done with them ([`LogEngine::release`]) and they are written; from
+/// then on only where to read them.
+struct Stored {
+    id: LogId,
+    tag: u8,
+    len: u32,
+    data: Option<Data>,
+    at: Option<At>,
+}
+
+impl Stored {
+    fn payload_len(&self) -> u64 {
+        1 + u64::from(self.len)
+    }
+}
+
 #[derive(Default)]
 struct Group {
-    entries: VecDeque<Entry>,
-    /// Payload bytes of `entries` (what the group holds in memory).
+    entries: VecDeque<Stored>,
+    /// Payload bytes of `entries` (in memory or on disk).
     bytes: u64,
+    /// Data bytes of `entries` held in memory.
+    held_bytes: u64,
+    /// Entries up to here need not stay in memory once written.
+    released: u64,
     purged: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
@@ -149,15 +183,64 @@ impl Group {
         self.entries.back().map(|e| e.id).or(self.purged)
     }
 
-    fn apply(&mut self, record: &Record<'_>) {
+    fn get_mut(&mut self, index: u64) -> Option<&mut Stored> {
+        let first = self.entries.front()?.id.index;
+        let i = usize::try_from(index.checked_sub(first)?).ok()?;
+        self.entries.get_mut(i)
+    }
+
+    /// Drops the entry's data if it is written and released.
+    fn maybe_drop_data(&mut self, index: u64) {
+        let released = self.released;
+        let Some(e) = self.get_mut(index) else {
+            return;
+        };
+        if index <= released && e.at.is_some() {
+            if let Some(d) = e.data.take() {
+                let n = d.len() as u64;
+                self.held_bytes -= n;
+            }
+        }
+    }
+
+    /// Notes that the record of entry `id` lies at `at`.
+    fn written(&mut self, id: LogId, at: At) {
+        let Some(e) = self.get_mut(id.index).filter(|e| e.id == id) else {
+            return; // truncated or purged meanwhile
+        };
+        e.at = Some(at);
+        self.maybe_drop_data(id.index);
+    }
+
+    fn release(&mut self, upto: u64) {
+        let Some(first) = self.entries.front().map(|e| e.id.index) else {
+            self.released = self.released.max(upto);
+            return;
+        };
+        let from = (self.released + 1).max(first);
+        self.released = self.released.max(upto);
+        for index in from..=upto {
+            self.maybe_drop_data(index);
+        }
+    }
+
+    /// Replays `record`, read at `at`: entries are read back from there
+    /// when wanted.
+    fn apply(&mut self, record: &Record<'_>, at: At) {
         match *record {
             Record::Entry { id, payload, .. } => {
                 // Replay after a crash may meet an entry the log had already
                 // passed only through a truncate it holds: treat as overwrite.
                 self.truncate(id.index);
-                self.push(Entry {
+                // (Every entry is written with a tag; an empty payload reads
+                // as a blank entry's tag 0.)
+                let tag = payload.first().copied().unwrap_or(0);
+                self.push(Stored {
                     id,
-                    payload: payload.into(),
+                    tag,
+                    len: payload.len().saturating_sub(1) as u32,
+                    data: None,
+                    at: Some(at),
                 });
             }
             Record::Truncate { from, .. } => self.truncate(from),
@@ -168,16 +251,24 @@ impl Group {
         }
     }
 
-    fn push(&mut self, entry: Entry) {
-        self.bytes += entry.payload.len() as u64;
+    fn push(&mut self, entry: Stored) {
+        self.bytes += entry.payload_len();
+        self.held_bytes += entry.data.as_ref().map_or(0, |d| d.len() as u64);
         self.entries.push_back(entry);
+    }
+
+    fn forget(&mut self, gone: &Stored) {
+        self.bytes -= gone.payload_len();
+        self.held_bytes -= gone.data.as_ref().map_or(0, |d| d.len() as u64);
     }
 
     fn truncate(&mut self, from: u64) {
         while self.entries.back().is_some_and(|e| e.id.index >= from) {
             let gone = self.entries.pop_back().expect("checked");
-            self.bytes -= gone.payload.len() as u64;
+            self.forget(&gone);
         }
+        // Entries appended again from `from` on are new: not yet released.
+        self.released = self.released.min(from.saturating_sub(1));
     }
 
     fn purge(&mut self, upto: LogId) {
@@ -187,7 +278,7 @@ impl Group {
             .is_some_and(|e| e.id.index <= upto.index)
         {
             let gone = self.entries.pop_front().expect("checked");
-            self.bytes -= gone.payload.len() as u64;
+            self.forget(&gone);
         }
         if self.purged.is_none_or(|p| p.index < upto.index) {
             self.purged = Some(upto);
@@ -210,7 +301,8 @@ impl Owned {
             Owned::Entry { group, entry } => Record::Entry {
                 group: *group,
                 id: entry.id,
-                payload: &entry.payload,
+                head: std::slice::from_ref(&entry.tag),
+                payload: &entry.data,
             },
             &Owned::Truncate { group, from } => Record::Truncate { group, from },
             &Owned::Purge { group, upto } => Record::Purge { group, upto },
@@ -264,7 +356,12 @@ struct Shared {
 
 /// The log engine of one disk.
 pub struct LogEngine {
+    dir: PathBuf,
     shared: Arc<Mutex<Shared>>,
+    /// Held for reading while entries are read back from segments, for
+    /// writing while the writer retires one: a segment named in an entry's
+    /// place stays until the read is done.
+    segments_in_use: Arc<RwLock<()>>,
     tx: mpsc::Sender<Op>,
     writer: Option<JoinHandle<()>>,
 }
@@ -328,7 +425,11 @@ impl LogEngine {
                         if let Record::Entry { group, id, .. } = r {
                             segment.max_index.insert(group, id.index);
                         }
-                        groups.entry(r.group()).or_default().apply(&r);
+                        let at = At {
+                            seq,
+                            offset: offset as u64,
+                        };
+                        groups.entry(r.group()).or_default().apply(&r, at);
                         offset = next;
                     }
                     Ok(Next::Skip(to)) => offset = to,
@@ -359,14 +460,25 @@ impl LogEngine {
             failed: None,
             committed_unwritten: Vec::new(),
         }));
-        let writer = Writer::start(config, segments, tail, free, Arc::clone(&shared))?;
+        let segments_in_use = Arc::new(RwLock::new(()));
+        let dir = config.dir.clone();
+        let writer = Writer::start(
+            config,
+            segments,
+            tail,
+            free,
+            Arc::clone(&shared),
+            Arc::clone(&segments_in_use),
+        )?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("raft-log".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::Ring(format!("spawning the log writer: {e}")))?;
         Ok(LogEngine {
+            dir,
             shared,
+            segments_in_use,
             tx,
             writer: Some(thread),
         })
@@ -435,7 +547,13 @@ impl LogEngine {
             }
         }
         for e in &entries {
-            g.push(e.clone());
+            g.push(Stored {
+                id: e.id,
+                tag: e.tag,
+                len: u32::try_from(e.data.len()).expect("an entry under 4 GiB"),
+                data: Some(e.data.clone()),
+                at: None,
+            });
         }
         drop(shared);
         records.extend(
@@ -511,9 +629,24 @@ impl LogEngine {
             })
     }
 
-    /// Payload bytes of the entries `group` holds (in memory, until purged).
+    /// Payload bytes of the entries `group`'s log holds (until purged).
     pub fn bytes(&self, group: u64) -> u64 {
         self.lock().groups.get(&group).map_or(0, |g| g.bytes)
+    }
+
+    /// Data bytes of `group`'s entries held in memory (not yet released,
+    /// or not yet written).
+    pub fn held_bytes(&self, group: u64) -> u64 {
+        self.lock().groups.get(&group).map_or(0, |g| g.held_bytes)
+    }
+
+    /// The Raft layer is done with `group`'s entries up to `upto` (applied):
+    /// once written, their data leave memory and are read back from disk
+    /// when wanted. Data held in fabric buffers go back to the fabric.
+    pub fn release(&self, group: u64, upto: u64) {
+        if let Some(g) = self.lock().groups.get_mut(&group) {
+            g.release(upto);
+        }
     }
 
     pub fn vote(&self, group: u64) -> Option<Vote> {
@@ -524,21 +657,88 @@ impl LogEngine {
         self.lock().groups.get(&group).and_then(|g| g.committed)
     }
 
-    /// Entries with indexes in `[from, to)` that the log holds.
-    pub fn entries(&self, group: u64, from: u64, to: u64) -> Vec<Entry> {
-        let shared = self.lock();
-        let Some(g) = shared.groups.get(&group) else {
-            return Vec::new();
+    /// Entries with indexes in `[from, to)` that the log holds: from memory,
+    /// or read back from their segments.
+    pub fn entries(&self, group: u64, from: u64, to: u64) -> Result<Vec<Entry>, LogError> {
+        let _in_use = self.segments_in_use.read().expect("segments lock");
+        // Each entry's data, or where to read them (and how many bytes).
+        type Wanted = (LogId, u8, Result<Data, (At, u32)>);
+        let wanted: Vec<Wanted> = {
+            let shared = self.lock();
+            let Some(g) = shared.groups.get(&group) else {
+                return Ok(Vec::new());
+            };
+            let Some(first) = g.entries.front().map(|e| e.id.index) else {
+                return Ok(Vec::new());
+            };
+            let start = from.saturating_sub(first) as usize;
+            let end = to.saturating_sub(first).min(g.entries.len() as u64) as usize;
+            g.entries
+                .range(start.min(end)..end)
+                .map(|e| {
+                    let data = match (&e.data, e.at) {
+                        (Some(d), _) => Ok(d.clone()),
+                        (None, Some(at)) => Err((at, e.len)),
+                        (None, None) => unreachable!("an entry neither held nor written"),
+                    };
+                    (e.id, e.tag, data)
+                })
+                .collect()
         };
-        let Some(first) = g.entries.front().map(|e| e.id.index) else {
-            return Vec::new();
+        let mut files: HashMap<u64, File> = HashMap::new();
+        wanted
+            .into_iter()
+            .map(|(id, tag, data)| {
+                let data = match data {
+                    Ok(d) => d,
+                    Err((at, len)) => self.read_entry(&mut files, group, id, at, len)?,
+                };
+                Ok(Entry { id, tag, data })
+            })
+            .collect()
+    }
+
+    /// Reads the data of entry `id` back from its record at `at`.
+    fn read_entry(
+        &self,
+        files: &mut HashMap<u64, File>,
+        group: u64,
+        id: LogId,
+        at: At,
+        len: u32,
+    ) -> Result<Data, LogError> {
+        use std::os::unix::fs::FileExt;
+        let path = segment_path(&self.dir, at.seq);
+        let file = match files.entry(at.seq) {
+            std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(File::open(&path).map_err(io_error("opening", &path))?)
+            }
         };
-        let start = from.saturating_sub(first) as usize;
-        let end = to.saturating_sub(first).min(g.entries.len() as u64) as usize;
-        g.entries
-            .range(start.min(end)..end)
-            .cloned()
-            .collect::<Vec<_>>()
+        let mut bytes = vec![0u8; record::HEADER_BYTES + 1 + len as usize];
+        file.read_exact_at(&mut bytes, at.offset)
+            .map_err(io_error("reading an entry from", &path))?;
+        let corrupt = |what: String| LogError::Corrupt {
+            path: path.clone(),
+            offset: at.offset as usize,
+            what,
+        };
+        match record::next(&bytes, 0, at.seq) {
+            Ok(Next::Record(
+                Record::Entry {
+                    group: g, id: i, ..
+                },
+                _,
+            )) if g == group && i == id => {}
+            Ok(other) => {
+                return Err(corrupt(format!(
+                    "not entry {id:?} of group {group}: {other:?}"
+                )))
+            }
+            Err(e) => return Err(corrupt(e.to_string())),
+        }
+        let start = record::HEADER_BYTES + 1;
+        Ok(Data::Heap(bytes::Bytes::from(bytes).slice(start..)))
     }
 
     pub fn stats(&self) -> LogStats {
@@ -579,8 +779,11 @@ struct Writer {
     ring: Ring,
     arena: Arena,
     encoded: Vec<u8>,
-    /// (group, index) of the entries in `encoded`, for the segment they land in.
-    encoded_entries: Vec<(u64, u64)>,
+    /// (group, id, offset in `encoded`) of the entries in `encoded`: for the
+    /// segment they land in, and where each lies.
+    encoded_entries: Vec<(u64, LogId, usize)>,
+    /// See [`LogEngine`]'s field of the same name.
+    segments_in_use: Arc<RwLock<()>>,
     /// Purge points already durable: only these may retire a segment.
     durable_purged: HashMap<u64, u64>,
     /// The next segment, being written with zeros on another thread.
@@ -598,6 +801,7 @@ impl Writer {
         tail: Option<u64>,
         free: Vec<PathBuf>,
         shared: Arc<Mutex<Shared>>,
+        segments_in_use: Arc<RwLock<()>>,
     ) -> Result<Writer, LogError> {
         let class = config.write_bytes_max.next_power_of_two().max(1 << 20);
         let arena = Arena::new(&ArenaConfig {
@@ -626,7 +830,7 @@ impl Writer {
             }
             _ => {
                 let seq = segments.last().map_or(1, |s| s.seq + 1);
-                let path = config.dir.join(format!("log-{seq:016}.seg"));
+                let path = segment_path(&config.dir, seq);
                 let file = create_segment(&path, config.segment_bytes, &config.dir)?;
                 segments.push(Segment {
                     seq,
@@ -664,6 +868,7 @@ impl Writer {
             free,
             cqes: Vec::with_capacity(1),
             encoded_entries: Vec::new(),
+            segments_in_use,
             durable_purged,
             config,
             shared,
@@ -742,7 +947,9 @@ impl Writer {
                     }
                 }
             }
-            for (_, done) in batch {
+            for (records, done) in batch {
+                // Records first: their data may be the last hold on a buffer.
+                drop(records);
                 done(result.clone());
             }
             if result.is_err() {
@@ -783,7 +990,7 @@ impl Writer {
                     self.roll()?;
                 }
                 if let Record::Entry { group, id, .. } = record {
-                    self.encoded_entries.push((group, id.index));
+                    self.encoded_entries.push((group, id, self.encoded.len()));
                 }
                 let seq = self.seq();
                 record.encode(&mut self.encoded, seq);
@@ -833,15 +1040,20 @@ impl Writer {
                 error: format!("short write: {written} of {padded} bytes"),
             });
         }
+        let start = self.tail;
         self.tail += padded as u64;
-        self.shared
-            .lock()
-            .expect("log state lock")
-            .stats
-            .bytes_written += padded as u64;
         let segment = self.segments.last_mut().expect("an open segment");
-        for (group, index) in self.encoded_entries.drain(..) {
-            segment.max_index.insert(group, index);
+        let mut shared = self.shared.lock().expect("log state lock");
+        shared.stats.bytes_written += padded as u64;
+        for (group, id, offset) in self.encoded_entries.drain(..) {
+            segment.max_index.insert(group, id.index);
+            let at = At {
+                seq: segment.seq,
+                offset: start + offset as u64,
+            };
+            if let Some(g) = shared.groups.get_mut(&group) {
+                g.written(id, at);
+            }
         }
         Ok(())
     }
@@ -898,7 +1110,7 @@ impl Writer {
         self.encoded.clear();
         self.sync()?;
         let seq = seq + 1;
-        let path = self.config.dir.join(format!("log-{seq:016}.seg"));
+        let path = segment_path(&self.config.dir, seq);
         let sync_dir = |path: &Path| {
             File::open(&self.config.dir)
                 .and_then(|d| d.sync_all())
@@ -999,6 +1211,7 @@ impl Writer {
             if !obsolete {
                 break;
             }
+            let _retiring = self.segments_in_use.write().expect("segments lock");
             if oldest.reusable && self.free.len() < FREE_SEGMENTS_MAX {
                 let free = oldest.path.with_extension("free");
                 std::fs::rename(&oldest.path, &free).map_err(io_error("retiring", &oldest.path))?;
@@ -1038,6 +1251,10 @@ fn next_request(rx: &mpsc::Receiver<Op>, spin: std::time::Duration) -> Option<Op
             Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
         }
     }
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("log-{seq:016}.seg"))
 }
 
 /// Opens a segment with O_DIRECT where the filesystem has it.

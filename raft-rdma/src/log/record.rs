@@ -61,9 +61,13 @@ pub struct Vote {
 /// What one record says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record<'a> {
+    /// The payload on disk is `head` then `payload` (the writer passes the
+    /// Raft layer's tag byte as `head` so the entry's data is not copied to
+    /// prepend it); a decoded record has it all in `payload`.
     Entry {
         group: u64,
         id: LogId,
+        head: &'a [u8],
         payload: &'a [u8],
     },
     /// Entries from `from` on are gone (a conflict with the leader).
@@ -104,17 +108,23 @@ impl Record<'_> {
     pub fn encoded_len(&self) -> usize {
         HEADER_BYTES
             + match self {
-                Record::Entry { payload, .. } => payload.len(),
+                Record::Entry { head, payload, .. } => head.len() + payload.len(),
                 _ => 0,
             }
     }
 
     /// Appends the record to `out`, for the segment with sequence number `seq`.
     pub fn encode(&self, out: &mut Vec<u8>, seq: u64) {
-        let (kind, group, a, b, c, payload): (u8, u64, u64, u64, u64, &[u8]) = match *self {
-            Record::Entry { group, id, payload } => (1, group, id.index, id.term, id.node, payload),
-            Record::Truncate { group, from } => (2, group, from, 0, 0, &[]),
-            Record::Purge { group, upto } => (3, group, upto.index, upto.term, upto.node, &[]),
+        type Fields<'p> = (u8, u64, u64, u64, u64, &'p [u8], &'p [u8]);
+        let (kind, group, a, b, c, head, payload): Fields<'_> = match *self {
+            Record::Entry {
+                group,
+                id,
+                head,
+                payload,
+            } => (1, group, id.index, id.term, id.node, head, payload),
+            Record::Truncate { group, from } => (2, group, from, 0, 0, &[], &[]),
+            Record::Purge { group, upto } => (3, group, upto.index, upto.term, upto.node, &[], &[]),
             Record::Vote { group, vote } => (
                 4,
                 group,
@@ -122,11 +132,13 @@ impl Record<'_> {
                 vote.node,
                 u64::from(vote.committed),
                 &[],
+                &[],
             ),
-            Record::Committed { group, id } => (5, group, id.index, id.term, id.node, &[]),
-            Record::Seal => (6, 0, 0, 0, 0, &[]),
+            Record::Committed { group, id } => (5, group, id.index, id.term, id.node, &[], &[]),
+            Record::Seal => (6, 0, 0, 0, 0, &[], &[]),
         };
-        assert!(payload.len() <= PAYLOAD_BYTES_MAX, "log payload too large");
+        let len = head.len() + payload.len();
+        assert!(len <= PAYLOAD_BYTES_MAX, "log payload too large");
         let start = out.len();
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
@@ -135,22 +147,27 @@ impl Record<'_> {
         for v in [group, a, b, c] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = checksum(VERSION, seq, &out[start..start + 44], payload);
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        let crc = checksum(VERSION, seq, &out[start..start + 44], &[head, payload]);
         out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(head);
         out.extend_from_slice(payload);
     }
 }
 
 /// A record's checksum: over the segment's sequence number (version 2 on),
 /// the header's first 44 bytes and the payload.
-fn checksum(version: u8, seq: u64, header: &[u8], payload: &[u8]) -> u32 {
+fn checksum(version: u8, seq: u64, header: &[u8], payload: &[&[u8]]) -> u32 {
     let seed = if version == VERSION_1 {
         0
     } else {
         crc32c::crc32c(&seq.to_le_bytes())
     };
-    crc32c::crc32c_append(crc32c::crc32c_append(seed, header), payload)
+    payload
+        .iter()
+        .fold(crc32c::crc32c_append(seed, header), |crc, piece| {
+            crc32c::crc32c_append(crc, piece)
+        })
 }
 
 /// The format version of the record at the start of `bytes`, if one starts there.
@@ -215,7 +232,7 @@ pub fn next(bytes: &[u8], offset: usize, seq: u64) -> Result<Next<'_>, RecordErr
         return Err(bad("truncated payload".into()));
     };
     let crc = u32::from_le_bytes(h[44..48].try_into().expect("4 bytes"));
-    if checksum(version, seq, &h[..44], payload) != crc {
+    if checksum(version, seq, &h[..44], &[payload]) != crc {
         return Err(bad("checksum mismatch".into()));
     }
     let (group, a, b, c) = (u64_at(8), u64_at(16), u64_at(24), u64_at(32));
@@ -225,7 +242,12 @@ pub fn next(bytes: &[u8], offset: usize, seq: u64) -> Result<Next<'_>, RecordErr
         node: c,
     };
     let record = match h[5] {
-        1 => Record::Entry { group, id, payload },
+        1 => Record::Entry {
+            group,
+            id,
+            head: &[],
+            payload,
+        },
         2 => Record::Truncate { group, from: a },
         3 => Record::Purge { group, upto: id },
         4 => Record::Vote {
@@ -260,11 +282,13 @@ mod tests {
             Record::Entry {
                 group: 9,
                 id,
+                head: &[],
                 payload: b"hello raft",
             },
             Record::Entry {
                 group: 9,
                 id: LogId { index: 18, ..id },
+                head: &[],
                 payload: b"",
             },
             Record::Truncate { group: 9, from: 18 },
@@ -333,6 +357,7 @@ mod tests {
             let first = Record::Entry {
                 group: 1,
                 id: LogId::default(),
+                head: &[],
                 payload: &long,
             };
             let second = Record::Truncate { group: 1, from: 3 };
@@ -343,6 +368,26 @@ mod tests {
             end.unwrap_or_else(|e| panic!("gap {gap}: {e}"));
             assert_eq!(read, vec![first, second], "gap {gap}");
         }
+    }
+
+    #[test]
+    fn an_entry_written_in_two_pieces_reads_back_as_one_payload() {
+        let written = Record::Entry {
+            group: 2,
+            id: LogId::default(),
+            head: &[1],
+            payload: b"data",
+        };
+        let bytes = batch(std::slice::from_ref(&written));
+        let (read, end) = read_all(&bytes);
+        end.unwrap();
+        let expected = Record::Entry {
+            group: 2,
+            id: LogId::default(),
+            head: &[],
+            payload: b"\x01data",
+        };
+        assert_eq!(read, vec![expected]);
     }
 
     #[test]

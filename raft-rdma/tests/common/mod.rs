@@ -76,7 +76,7 @@ impl RaftStateMachine<TypeConfig> for RecordingMachine {
             s.last_applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => {}
-                EntryPayload::Normal(request) => s.applied.push(request.0),
+                EntryPayload::Normal(request) => s.applied.push(request.body.to_vec()),
                 EntryPayload::Membership(m) => {
                     s.membership = StoredMembership::new(Some(entry.log_id), m);
                 }
