@@ -491,11 +491,13 @@ fn admin(what: AdminCommand) -> anyhow::Result<()> {
                         status.transport,
                         status.copysets.len()
                     );
-                    println!("copyset  leader  term  applied  last-log  snapshot  chunks  voters");
+                    println!(
+                        "copyset  leader  term  applied  last-log  snapshot  chunks  log KiB  in memory KiB  voters"
+                    );
                     for c in status.copysets {
                         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
                         println!(
-                            "{:>7}  {:>6}  {:>4}  {:>7}  {:>8}  {:>8}  {:>6}  {:?}",
+                            "{:>7}  {:>6}  {:>4}  {:>7}  {:>8}  {:>8}  {:>6}  {:>7}  {:>13}  {:?}",
                             c.copyset,
                             opt(c.leader),
                             c.term,
@@ -503,6 +505,8 @@ fn admin(what: AdminCommand) -> anyhow::Result<()> {
                             opt(c.last_log),
                             opt(c.snapshot),
                             c.chunks,
+                            c.log_bytes >> 10,
+                            c.log_held_bytes >> 10,
                             c.voters
                         );
                     }

@@ -1163,6 +1163,7 @@ impl Chunkserver {
                     epoch: m.membership_config.log_id().map_or(0, |l| l.index + 1),
                     chunks: c.machine.chunks().len(),
                     log_bytes: self.0.engine.bytes(c.log),
+                    log_held_bytes: self.0.engine.held_bytes(c.log),
                 }
             })
             .collect();

@@ -164,10 +164,14 @@ pub struct CopysetStatus {
     #[serde(default)]
     pub epoch: u64,
     pub chunks: usize,
-    /// Payload bytes of the log entries this member holds (in memory until
-    /// purged; bounded by `log_mem_mib`).
+    /// Payload bytes of the log entries this member holds (until purged;
+    /// bounded by `log_mem_mib`).
     #[serde(default)]
     pub log_bytes: u64,
+    /// Bytes of those entries' data held in memory: entries not yet applied
+    /// (or not yet written); the rest are read from disk when wanted.
+    #[serde(default)]
+    pub log_held_bytes: u64,
 }
 
 /// What `status` answers.
