@@ -111,6 +111,10 @@ pub enum Payload<'a> {
     Bytes(&'a [u8]),
     /// Sent without a copy; released when the send completes.
     Buf(Buf),
+    /// Several buffers, one after another, arriving as one payload: sent
+    /// eager without a copy (the transport gathers them); a rendezvous
+    /// copies them into one buffer first.
+    Gather(Vec<Buf>),
 }
 
 impl Payload<'_> {
@@ -119,6 +123,7 @@ impl Payload<'_> {
             Payload::None => 0,
             Payload::Bytes(b) => b.len(),
             Payload::Buf(b) => b.len(),
+            Payload::Gather(bufs) => bufs.iter().map(|b| b.len()).sum(),
         }
     }
 }
@@ -330,8 +335,29 @@ impl ByteFifo {
 /// One frame queued for the wire: `inline_len` bytes in the FIFO, then `body`.
 struct TxItem {
     inline_len: usize,
-    body: Option<Buf>,
+    body: TxBody,
     done: Option<SendId>,
+}
+
+/// What a frame sends from buffers after its inline bytes.
+enum TxBody {
+    None,
+    One(Buf),
+    Many(Vec<Buf>),
+}
+
+impl TxBody {
+    fn bufs(&self) -> &[Buf] {
+        match self {
+            TxBody::None => &[],
+            TxBody::One(b) => std::slice::from_ref(b),
+            TxBody::Many(bufs) => bufs,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bufs().iter().map(|b| b.len()).sum()
+    }
 }
 
 /// A message waiting for a credit (or for hello).
@@ -489,7 +515,7 @@ impl Connection {
         hello.encode(&mut body);
         let mut h = FrameHeader::new(FrameKind::Hello);
         h.header_len = HELLO_BYTES as u32;
-        conn.queue_frame(h, &body, &[], None, None);
+        conn.queue_frame(h, &body, &[], TxBody::None, None);
         conn
     }
 
@@ -645,6 +671,8 @@ impl Connection {
             Payload::Bytes(b) if b.len() <= self.config.eager_bytes_max => (b, None),
             Payload::Bytes(b) => (&[][..], Some(self.copy_to_arena(b)?)),
             Payload::Buf(b) => (&[][..], Some(b)),
+            // Parking is the slow path: one buffer is simpler to keep.
+            Payload::Gather(bufs) => (&[][..], Some(self.gather_to_arena(&bufs)?)),
         };
         self.parked_fifo.push(header);
         self.parked_fifo.push(copied);
@@ -659,6 +687,20 @@ impl Connection {
         });
         self.stats.parked += 1;
         Ok(())
+    }
+
+    fn gather_to_arena(&self, bufs: &[Buf]) -> Result<Buf, SendError> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let mut buf = self
+            .arena
+            .alloc(len)
+            .map_err(|e| SendError::NoMemory(e.to_string()))?;
+        let mut at = 0;
+        for b in bufs {
+            buf[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        Ok(buf.freeze())
     }
 
     fn copy_to_arena(&self, bytes: &[u8]) -> Result<Buf, SendError> {
@@ -693,24 +735,27 @@ impl Connection {
             self.send_credits -= 1;
             self.stats.eager_sent += 1;
             match payload {
-                Payload::None => self.queue_frame(h, header, &[], None, done),
+                Payload::None => self.queue_frame(h, header, &[], TxBody::None, done),
                 Payload::Bytes(b) if b.len() <= INLINE_PAYLOAD_BYTES_MAX => {
-                    self.queue_frame(h, header, b, None, done)
+                    self.queue_frame(h, header, b, TxBody::None, done)
                 }
                 Payload::Buf(b) if b.len() <= INLINE_PAYLOAD_BYTES_MAX => {
-                    self.queue_frame(h, header, &b, None, done)
+                    self.queue_frame(h, header, &b, TxBody::None, done)
                 }
                 Payload::Bytes(b) => {
                     let buf = self.copy_to_arena(b)?;
-                    self.queue_frame(h, header, &[], Some(buf), done)
+                    self.queue_frame(h, header, &[], TxBody::One(buf), done)
                 }
-                Payload::Buf(b) => self.queue_frame(h, header, &[], Some(b), done),
+                Payload::Buf(b) => self.queue_frame(h, header, &[], TxBody::One(b), done),
+                Payload::Gather(bufs) => self.queue_frame(h, header, &[], TxBody::Many(bufs), done),
             }
             return Ok(());
         }
         let buf = match payload {
             Payload::Buf(b) => b,
             Payload::Bytes(b) => self.copy_to_arena(b)?,
+            // A rendezvous offers one region (a remote read needs it whole).
+            Payload::Gather(bufs) => self.gather_to_arena(&bufs)?,
             Payload::None => unreachable!("an empty payload always fits eager"),
         };
         if self.config.remote_read {
@@ -735,7 +780,7 @@ impl Connection {
             done,
             rpc,
         });
-        self.queue_frame(h, header, &[], None, None);
+        self.queue_frame(h, header, &[], TxBody::None, None);
         Ok(())
     }
 
@@ -796,7 +841,7 @@ impl Connection {
         mut h: FrameHeader,
         header: &[u8],
         inline_payload: &[u8],
-        body: Option<Buf>,
+        body: TxBody,
         done: Option<SendId>,
     ) {
         if h.kind != FrameKind::Hello {
@@ -804,8 +849,7 @@ impl Connection {
         }
         debug_assert_eq!(h.header_len as usize, header.len());
         debug_assert!(
-            body.as_ref().map_or(0, |b| b.len()) + inline_payload.len()
-                == h.body_len() - header.len()
+            body.len() + inline_payload.len() == h.body_len() - header.len()
                 || h.kind == FrameKind::Rts
         );
         let mut encoded = [0u8; HEADER_BYTES];
@@ -824,7 +868,13 @@ impl Connection {
     /// Queues a Credit frame if enough credits are owed that the peer may stall.
     fn maybe_return_credits(&mut self) {
         if self.state == State::Open && self.owed >= self.config.credits.div_ceil(2) {
-            self.queue_frame(FrameHeader::new(FrameKind::Credit), &[], &[], None, None);
+            self.queue_frame(
+                FrameHeader::new(FrameKind::Credit),
+                &[],
+                &[],
+                TxBody::None,
+                None,
+            );
             self.stats.credit_frames_sent += 1;
         }
     }
@@ -852,7 +902,7 @@ impl Connection {
             } else {
                 skip -= inline.len();
             }
-            if let Some(body) = &item.body {
+            for body in item.body.bufs() {
                 if n == out.len() {
                     break;
                 }
@@ -875,7 +925,7 @@ impl Connection {
                 .tx_items
                 .front()
                 .expect("transmitted more than was queued");
-            let total = item.inline_len + item.body.as_ref().map_or(0, |b| b.len());
+            let total = item.inline_len + item.body.len();
             let left = total - self.tx_written;
             if n < left {
                 self.tx_written += n;
@@ -1048,7 +1098,7 @@ impl Connection {
                     d.seq = h.seq;
                     d.aux = h.aux;
                     d.payload_len = out.payload.len() as u32;
-                    self.queue_frame(d, &[], &[], Some(out.payload), out.done);
+                    self.queue_frame(d, &[], &[], TxBody::One(out.payload), out.done);
                 }
             }
             FrameKind::Credit => {}
@@ -1254,7 +1304,7 @@ impl Connection {
         if !self.is_closed() {
             let mut h = FrameHeader::new(FrameKind::Fin);
             h.seq = seq;
-            self.queue_frame(h, &[], &[], None, None);
+            self.queue_frame(h, &[], &[], TxBody::None, None);
         }
     }
 
@@ -1278,7 +1328,7 @@ impl Connection {
         h.seq = seq;
         h.aux = slot;
         h.flags = cts_flags;
-        self.queue_frame(h, &[], &[], None, None);
+        self.queue_frame(h, &[], &[], TxBody::None, None);
     }
 
     /// A RndvData header arrived: move what was read ahead, then receive the
@@ -1423,7 +1473,7 @@ impl Connection {
         }
         let mut h = FrameHeader::new(FrameKind::Close);
         h.header_len = end as u32;
-        self.queue_frame(h, &reason.as_bytes()[..end], &[], None, None);
+        self.queue_frame(h, &reason.as_bytes()[..end], &[], TxBody::None, None);
         self.fail_pending(SendError::Disconnected, RpcError::Disconnected);
         self.state = State::Closing;
         self.push_event(Event::Closed(CloseReason::Local(reason.to_string())));

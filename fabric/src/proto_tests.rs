@@ -232,6 +232,63 @@ fn eager_messages_arrive_in_place_with_their_header() {
 }
 
 #[test]
+fn gathered_buffers_arrive_as_one_payload_eager_rendezvous_or_parked() {
+    let config = ConnConfig {
+        credits: 2,
+        ..test_config()
+    };
+    let mut pair = Pair::new(config);
+    pair.drive().unwrap();
+    pair.events(Side::A);
+    pair.events(Side::B);
+    let pieces = |pair: &Pair, sizes: &[usize], seed: u8| -> (Vec<Buf>, Vec<u8>) {
+        let parts: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| pattern(n, seed + i as u8))
+            .collect();
+        (parts.iter().map(|p| pair.buf(p)).collect(), parts.concat())
+    };
+    // Eager (under 8 KiB, some pieces empty), rendezvous (over), then two
+    // more that find no credit and park.
+    let sends = [
+        (&[100, 0, 3000, 1][..], 1),
+        (&[4000, 6000, 9000][..], 2),
+        (&[10, 20][..], 3),
+        (&[5000, 5000][..], 4),
+    ];
+    let mut want = std::collections::BTreeMap::new();
+    for (sizes, seed) in sends {
+        let (bufs, joined) = pieces(&pair, sizes, seed);
+        pair.a.am_send(9, &[seed], Payload::Gather(bufs)).unwrap();
+        want.insert(seed, joined);
+    }
+    assert!(pair.a.stats().parked >= 1);
+    // (A rendezvous arrives once pulled: after later eager ones.)
+    let mut got = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        pair.drive().unwrap();
+        for m in pair.serve(Side::B) {
+            got.insert(m.header[0], payload_of(&m).to_vec());
+        }
+        if got.len() == want.len() {
+            break;
+        }
+    }
+    assert_eq!(got.len(), want.len());
+    for (seed, w) in &want {
+        let g = &got[seed];
+        assert!(
+            g == w,
+            "message {seed}: {} bytes, wanted {}",
+            g.len(),
+            w.len()
+        );
+    }
+    assert_eq!(pair.a.stats().rendezvous_sent, 2);
+}
+
+#[test]
 fn rendezvous_messages_are_pulled_into_the_handlers_buffer() {
     let mut pair = Pair::established();
     pair.random_reads = true;

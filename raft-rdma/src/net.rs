@@ -127,6 +127,8 @@ enum Body {
     Bytes(Vec<u8>),
     /// Sent from where it is.
     Buf(Buf),
+    /// Sent from where they are, one after another (one payload).
+    Gather(Vec<Buf>),
 }
 
 enum Cmd {
@@ -415,6 +417,7 @@ fn serve(
                     let payload = match &body {
                         Body::Bytes(b) => Payload::Bytes(b),
                         Body::Buf(b) => Payload::Buf(b.clone()),
+                        Body::Gather(bufs) => Payload::Gather(bufs.clone()),
                     };
                     match worker.rpc_call(ep, service.am_id(), &header, payload, timeout) {
                         Ok(id) => {
@@ -599,8 +602,9 @@ impl PeerClient {
         self.call_with(header, Body::Bytes(body), option).await
     }
 
-    /// Sends one AppendEntries: a lone entry's fabric buffer is the payload
-    /// as it is; several entries' data are gathered into one (a copy).
+    /// Sends one AppendEntries: entries' data in fabric buffers are the
+    /// payload as they are (the transport gathers several); data read back
+    /// from disk (a follower catching up) or made here are copied into one.
     async fn call_append(
         &self,
         rpc: &AppendEntriesRequest<TypeConfig>,
@@ -609,9 +613,11 @@ impl PeerClient {
         let encoded = append::encode_request(rpc);
         let mut header = header(KIND_APPEND, self.group).to_vec();
         header.extend_from_slice(&encoded.header);
-        let mut nonempty = encoded.data.iter().filter(|d| !d.is_empty());
-        let body = match (nonempty.next(), nonempty.next()) {
-            (Some(Data::Fabric(buf)), None) => Body::Buf(buf.clone()),
+        let nonempty: Vec<&Data> = encoded.data.iter().filter(|d| !d.is_empty()).collect();
+        let bufs: Option<Vec<Buf>> = nonempty.iter().map(|d| d.fabric_buf().cloned()).collect();
+        let body = match bufs {
+            Some(mut bufs) if bufs.len() == 1 => Body::Buf(bufs.pop().expect("one")),
+            Some(bufs) if !bufs.is_empty() => Body::Gather(bufs),
             _ => {
                 let mut gathered = Vec::with_capacity(encoded.data_len());
                 for d in &encoded.data {
