@@ -438,6 +438,11 @@ impl LogEngine {
                         // A torn batch, or (in a reused file) an earlier
                         // life's records: either way the data ends here.
                         tracing::info!(path = %path.display(), error = %e, "log: the last segment's data ends here");
+                        // Zero everything after it now, the rest of its page
+                        // too: once a later segment exists, this one is read
+                        // to its seal or its zeros, and a torn record left
+                        // in the page would read as corruption.
+                        cut_after(&path, offset as u64, bytes.len() as u64)?;
                         break offset;
                     }
                     Err(record::RecordError::Bad { offset, what }) => {
@@ -817,8 +822,9 @@ impl Writer {
         let (file, tail) = match (segments.last(), tail) {
             (Some(last), Some(tail)) if tail + 2 * (PAGE_BYTES as u64) <= config.segment_bytes => {
                 let file = open_segment(&last.path, false)?;
-                // Anything after the last good batch (a torn one) goes, so a
-                // later recovery cannot meet a stale record past the new tail.
+                // Anything after the last good batch goes, so a later
+                // recovery cannot meet a stale record past the new tail (a
+                // torn record inside the tail's page was zeroed at open).
                 file.set_len(tail)
                     .map_err(io_error("cutting", &last.path))?;
                 file.set_len(config.segment_bytes)
@@ -1251,6 +1257,18 @@ fn next_request(rx: &mpsc::Receiver<Op>, spin: std::time::Duration) -> Option<Op
             Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
         }
     }
+}
+
+/// Cuts the segment at `path` right after `end` (zeroing the rest of its
+/// page) and extends it back to `len`, synced.
+fn cut_after(path: &Path, end: u64, len: u64) -> Result<(), LogError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_error("opening", path))?;
+    file.set_len(end).map_err(io_error("cutting", path))?;
+    file.set_len(len).map_err(io_error("extending", path))?;
+    file.sync_all().map_err(io_error("syncing", path))
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
