@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 mod heartbeat;
 
 use crate::chunk_client::{call_chunk_service, ClientError};
-use crate::data::Data;
 use crate::log::{LogConfig, LogEngine};
 use crate::machine::{chunk_error, write_atomically, ChunkMachine, Disk};
 use crate::net::{handle_raft, FabricNode, Groups, Incoming, Network, Service};
@@ -581,20 +580,31 @@ impl Chunkserver {
     }
 
     async fn handle_chunk(&self, rpc: Incoming) {
-        let copyset = rpc.group as u32;
-        let answer = match service::decode_request(rpc.kind, &rpc.body) {
-            Ok(request) => {
-                let body = Data::Fabric(rpc.body.clone());
-                self.answer(copyset, rpc.kind, request, &body).await
+        let Incoming {
+            kind,
+            group,
+            body,
+            reply,
+            ..
+        } = rpc;
+        let copyset = group as u32;
+        let answer = match service::decode_request(kind, &body) {
+            Ok(Request::Mutate(_)) => {
+                // The body goes into the log as it came off the fabric (it
+                // was checked); nothing else here keeps it.
+                let entry = raft_store::Request::new(kind, body);
+                self.propose_entry(copyset, entry)
+                    .await
+                    .map(|()| Vec::new())
             }
+            Ok(request) => self.answer(copyset, request).await,
             Err(e) => Err(e),
         };
         match answer {
-            Ok(body) => rpc.reply.send_with_header(vec![service::STATUS_OK], body),
+            Ok(body) => reply.send_with_header(vec![service::STATUS_OK], body),
             Err(e) => {
                 tracing::debug!(copyset, error = %e, "chunk request refused");
-                rpc.reply
-                    .send_with_header(vec![service::STATUS_ERR], service::error_body(&e));
+                reply.send_with_header(vec![service::STATUS_ERR], service::error_body(&e));
             }
         }
     }
@@ -607,20 +617,12 @@ impl Chunkserver {
             .ok_or(ChunkError::NoSuchCopyset(id))
     }
 
-    async fn answer(
-        &self,
-        copyset: u32,
-        kind: u8,
-        request: Request<'_>,
-        body: &Data,
-    ) -> Result<Vec<u8>, ChunkError> {
+    /// Answers a request other than a mutation (those go to the log).
+    async fn answer(&self, copyset: u32, request: Request<'_>) -> Result<Vec<u8>, ChunkError> {
         match request {
-            Request::Mutate(_) => {
-                // The body goes into the log as it came off the fabric.
-                let entry = raft_store::Request::new(kind, body.clone());
-                self.propose_entry(copyset, entry).await?;
-                Ok(Vec::new())
-            }
+            Request::Mutate(_) => Err(ChunkError::BadRequest(
+                "a mutation reached the answer path; handle_chunk proposes them".into(),
+            )),
             Request::Read {
                 chunk,
                 offset,

@@ -38,8 +38,8 @@ use openraft::raft::{
 use openraft::{BasicNode, EntryPayload, Raft};
 use quiver_fabric::arena::{Arena, ArenaConfig, Buf, SizeClass};
 use quiver_fabric::{
-    AmData, Completion, EndpointId, EndpointTransport, Payload, RpcError, RpcId, RpcReply, Worker,
-    WorkerConfig, WorkerWaker,
+    AmData, Completion, EndpointId, EndpointTransport, Payload, RpcError, RpcId, RpcReply,
+    SendError, Worker, WorkerConfig, WorkerWaker,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -121,6 +121,22 @@ pub enum CallError {
 
 type Answer = tokio::sync::oneshot::Sender<Result<RpcReply, CallError>>;
 
+/// An incoming payload as the runtime gets it: the fabric buffer itself,
+/// unless its size class is more than half in use. A write's body is kept
+/// until the entry it becomes is applied (and an eager body keeps its whole
+/// receive buffer), so without this an unlucky mix (many large writes in
+/// flight, a copyset that cannot commit) could hold every buffer of a class
+/// and stop the node's receiving and sending; past half, bodies are copied
+/// and their buffers return at once, as if there were no zero copy.
+fn keep_or_copy(buf: Buf) -> Data {
+    let class = buf.class_usage();
+    if class.free * 2 < class.count {
+        Data::from(&buf[..])
+    } else {
+        Data::Fabric(buf)
+    }
+}
+
 /// A message's payload, as the runtime hands it to the fabric thread.
 enum Body {
     /// Copied by the fabric (inline when small, into its arena otherwise).
@@ -158,10 +174,10 @@ pub struct Incoming {
     pub service: Service,
     pub kind: u8,
     pub group: u64,
-    /// The header past kind and group (an AppendEntries' fields).
-    pub meta: Buf,
-    /// The payload, in the fabric buffer it arrived in.
-    pub body: Buf,
+    /// The header past kind and group (an AppendEntries' fields), copied.
+    pub meta: Vec<u8>,
+    /// The payload, in the fabric buffer it arrived in (see [`keep_or_copy`]).
+    pub body: Data,
     pub reply: Replier,
 }
 
@@ -231,6 +247,12 @@ impl FabricNode {
                     buf_bytes: 64 << 10,
                     count: 512,
                 },
+                // Receive buffers (256 KiB by default), so that they do not
+                // take the large class's slots.
+                SizeClass {
+                    buf_bytes: 256 << 10,
+                    count: 64,
+                },
                 SizeClass {
                     buf_bytes: 1 << 20,
                     count: 64,
@@ -253,7 +275,7 @@ impl FabricNode {
                 service.am_id(),
                 Box::new(move |ctx, m| {
                     let body = match m.data {
-                        AmData::Eager(p) | AmData::Pulled(p) => p,
+                        AmData::Eager(p) | AmData::Pulled(p) => keep_or_copy(p),
                         AmData::Rendezvous(desc) => {
                             if let Err(e) = ctx.pull_into_arena(desc) {
                                 tracing::warn!(error = %e, ?service, "dropping an RPC");
@@ -269,7 +291,7 @@ impl FabricNode {
                     };
                     let kind = h[0];
                     let group = u64::from_le_bytes(h[1..].try_into().expect("8 bytes"));
-                    let meta = m.header.slice(HEADER_BYTES..m.header.len());
+                    let meta = m.header[HEADER_BYTES..].to_vec();
                     let reply = Replier {
                         ep: ctx.endpoint(),
                         service,
@@ -424,7 +446,12 @@ fn serve(
                             calls.insert((ep, id), answer);
                         }
                         Err(e) => {
-                            peers.remove(&addr);
+                            // A connection that is gone or broken goes; one
+                            // that could not take this message stays.
+                            if !matches!(e, SendError::NoMemory(_) | SendError::TooLarge { .. }) {
+                                peers.remove(&addr);
+                                worker.close(ep, "a send to it failed");
+                            }
                             let _ = answer.send(Err(CallError::Unreachable {
                                 addr,
                                 why: e.to_string(),
@@ -497,15 +524,13 @@ pub fn handle_raft(groups: &Groups, rpc: Incoming) {
     };
     tokio::spawn(async move {
         let body = match rpc.kind {
-            KIND_APPEND => {
-                match append::decode_request(&rpc.meta, &Data::Fabric(rpc.body.clone())) {
-                    Ok(request) => bincode::serialize(&raft.append_entries(request).await).ok(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "an undecodable AppendEntries");
-                        return;
-                    }
+            KIND_APPEND => match append::decode_request(&rpc.meta, &rpc.body) {
+                Ok(request) => bincode::serialize(&raft.append_entries(request).await).ok(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "an undecodable AppendEntries");
+                    return;
                 }
-            }
+            },
             KIND_VOTE => answer(&rpc.body, |r| raft.vote(r)).await,
             KIND_SNAPSHOT => answer(&rpc.body, |r| raft.install_snapshot(r)).await,
             other => {

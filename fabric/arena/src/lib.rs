@@ -542,6 +542,18 @@ impl Buf {
         self.view.placement()
     }
 
+    /// Occupancy of the size class this buffer's slot is in (whoever keeps
+    /// a buffer long can see whether the class is running out).
+    pub fn class_usage(&self) -> ClassUsage {
+        let inner = self.view.inner();
+        let class = &inner.classes[inner.slot_class[self.view.slot as usize] as usize];
+        ClassUsage {
+            buf_bytes: class.buf_bytes,
+            count: class.count,
+            free: class.free.len(),
+        }
+    }
+
     /// If this is the only handle on its slot, the writable buffer back.
     pub fn try_into_mut(self) -> Result<BufMut, Buf> {
         let inner = self.view.inner();

@@ -124,7 +124,8 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> L
 pub struct Entry {
     pub id: LogId,
     pub tag: u8,
-    /// Held as given (a fabric buffer stays one) until purged.
+    /// Held as given (a fabric buffer stays one) until applied and
+    /// written; from disk after that.
     pub data: Data,
 }
 
@@ -660,6 +661,23 @@ impl LogEngine {
 
     pub fn committed(&self, group: u64) -> Option<LogId> {
         self.lock().groups.get(&group).and_then(|g| g.committed)
+    }
+
+    /// Whether every entry of `group` in `[from, to)` is in memory (so
+    /// [`LogEngine::entries`] will not touch the disk).
+    pub fn entries_held(&self, group: u64, from: u64, to: u64) -> bool {
+        let shared = self.lock();
+        let Some(g) = shared.groups.get(&group) else {
+            return true;
+        };
+        let Some(first) = g.entries.front().map(|e| e.id.index) else {
+            return true;
+        };
+        let start = from.saturating_sub(first) as usize;
+        let end = to.saturating_sub(first).min(g.entries.len() as u64) as usize;
+        g.entries
+            .range(start.min(end)..end)
+            .all(|e| e.data.is_some())
     }
 
     /// Entries with indexes in `[from, to)` that the log holds: from memory,
@@ -1217,7 +1235,12 @@ impl Writer {
             if !obsolete {
                 break;
             }
-            let _retiring = self.segments_in_use.write().expect("segments lock");
+            // Not while an entry is being read back from a segment: the
+            // writer would stall every copyset's appends behind the read.
+            // Retiring waits for the next batch instead.
+            let Ok(_retiring) = self.segments_in_use.try_write() else {
+                break;
+            };
             if oldest.reusable && self.free.len() < FREE_SEGMENTS_MAX {
                 let free = oldest.path.with_extension("free");
                 std::fs::rename(&oldest.path, &free).map_err(io_error("retiring", &oldest.path))?;
