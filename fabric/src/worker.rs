@@ -614,6 +614,25 @@ impl Worker {
         Ok(())
     }
 
+    /// Answers RPC request `reply_to` that arrived on `ep` with an error,
+    /// after its handler returned.
+    pub fn reply_error(
+        &mut self,
+        ep: EndpointId,
+        am_id: u16,
+        reply_to: u64,
+        code: u32,
+        message: &str,
+    ) -> Result<(), SendError> {
+        let e = self
+            .endpoints
+            .get_mut(ep.0)
+            .ok_or(SendError::Disconnected)?;
+        e.conn.reply_error(am_id, reply_to, code, message)?;
+        self.flush(ep.0);
+        Ok(())
+    }
+
     /// Calls a remote handler; a [`Completion::Rpc`] follows.
     pub fn rpc_call(
         &mut self,

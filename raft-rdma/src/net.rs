@@ -167,6 +167,13 @@ enum Cmd {
         header: Vec<u8>,
         body: Vec<u8>,
     },
+    /// A request that could not be served at all (it did not decode).
+    ReplyError {
+        ep: EndpointId,
+        service: Service,
+        reply_to: u64,
+        message: String,
+    },
 }
 
 /// An incoming RPC for the runtime to serve.
@@ -201,6 +208,17 @@ impl Replier {
             reply_to: self.reply_to,
             header,
             body,
+        });
+    }
+
+    /// Answers that the request was malformed: the caller gets a remote
+    /// error at once instead of waiting out its timeout.
+    pub fn send_bad_request(self, message: String) {
+        self.link.push(Cmd::ReplyError {
+            ep: self.ep,
+            service: self.service,
+            reply_to: self.reply_to,
+            message,
         });
     }
 }
@@ -477,6 +495,19 @@ fn serve(
                         tracing::debug!(error = %e, "a reply to a peer that left");
                     }
                 }
+                Cmd::ReplyError {
+                    ep,
+                    service,
+                    reply_to,
+                    message,
+                } => {
+                    let code = quiver_fabric::rpc::BAD_REQUEST;
+                    if let Err(e) =
+                        worker.reply_error(ep, service.am_id(), reply_to, code, &message)
+                    {
+                        tracing::debug!(error = %e, "a reply to a peer that left");
+                    }
+                }
             }
         }
         worker.progress_until(None, |w| {
@@ -523,29 +554,38 @@ pub fn handle_raft(groups: &Groups, rpc: Incoming) {
         return;
     };
     tokio::spawn(async move {
-        let body = match rpc.kind {
-            KIND_APPEND => match append::decode_request(&rpc.meta, &rpc.body) {
-                Ok(request) => bincode::serialize(&raft.append_entries(request).await).ok(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "an undecodable AppendEntries");
-                    return;
+        let Incoming {
+            kind,
+            meta,
+            body,
+            reply,
+            ..
+        } = rpc;
+        let answered = match kind {
+            KIND_APPEND => match append::decode_request(&meta, &body) {
+                Ok(request) => {
+                    // The entries hold what they need of the buffer.
+                    drop(body);
+                    let result = raft.append_entries(request).await;
+                    bincode::serialize(&result).map_err(|e| e.to_string())
                 }
+                Err(e) => Err(e.to_string()),
             },
-            KIND_VOTE => answer(&rpc.body, |r| raft.vote(r)).await,
-            KIND_SNAPSHOT => answer(&rpc.body, |r| raft.install_snapshot(r)).await,
-            other => {
-                tracing::warn!(kind = other, "unknown Raft RPC");
-                return;
-            }
+            KIND_VOTE => answer(&body, |r| raft.vote(r)).await,
+            KIND_SNAPSHOT => answer(&body, |r| raft.install_snapshot(r)).await,
+            other => Err(format!("unknown Raft RPC kind {other}")),
         };
-        match body {
-            Some(body) => rpc.reply.send(body),
-            None => tracing::warn!("an undecodable Raft RPC"),
+        match answered {
+            Ok(answer) => reply.send(answer),
+            Err(why) => {
+                tracing::warn!(error = %why, "an undecodable Raft RPC");
+                reply.send_bad_request(why);
+            }
         }
     });
 }
 
-async fn answer<Req, Resp, E, F, Fut>(body: &[u8], f: F) -> Option<Vec<u8>>
+async fn answer<Req, Resp, E, F, Fut>(body: &[u8], f: F) -> Result<Vec<u8>, String>
 where
     Req: DeserializeOwned,
     Resp: Serialize,
@@ -553,9 +593,9 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: std::future::Future<Output = Result<Resp, E>>,
 {
-    let request = bincode::deserialize(body).ok()?;
+    let request = bincode::deserialize(body).map_err(|e| e.to_string())?;
     let result = f(request).await;
-    bincode::serialize(&result).ok()
+    bincode::serialize(&result).map_err(|e| e.to_string())
 }
 
 /// Creates [`PeerClient`]s for openraft.

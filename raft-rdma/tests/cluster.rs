@@ -377,3 +377,43 @@ async fn a_node_joins_and_another_leaves_by_membership_change() {
         n.raft.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_raft_rpc_gets_an_error_answer_and_changes_nothing() {
+    use quiver_fabric::RpcError;
+    use quiver_raft::net::{CallError, Service};
+    let (nodes, leader_id) = three_nodes().await;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let other = nodes.iter().find(|n| n.id != leader_id).unwrap();
+    // Kinds 1 (AppendEntries, without its header fields) and 2 (vote,
+    // garbage), for group 1 which the node hosts.
+    for kind in [1u8, 2] {
+        let started = Instant::now();
+        let answer = leader
+            .fabric
+            .call(
+                other.fabric.addr,
+                Service::Raft,
+                (kind, 1),
+                vec![0xff; 10],
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(
+            matches!(answer, Err(CallError::Rpc(RpcError::Remote(_)))),
+            "kind {kind}: {:?}",
+            answer.map(|r| r.payload.len())
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered at once"
+        );
+    }
+    leader
+        .raft
+        .client_write(Request::new(1, b"after".to_vec()))
+        .await
+        .unwrap();
+    let all: Vec<&Node> = nodes.iter().collect();
+    all_applied(&all, 1).await;
+}

@@ -47,7 +47,10 @@ async fn a_hundred_and_twenty_eight_large_writes_at_once_all_land() {
         .collect();
     admin.create_copyset(1, &peers).await.unwrap();
     let addrs: Vec<_> = servers.iter().map(|s| s.addr()).collect();
-    admin.write(&addrs, 1, 100, 0, 0, &[1u8; 4096]).await.unwrap();
+    admin
+        .write(&addrs, 1, 100, 0, 0, &[1u8; 4096])
+        .await
+        .unwrap();
 
     const BIG: usize = 256 << 10;
     let (clients, per) = (4usize, 32usize);
