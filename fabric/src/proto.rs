@@ -732,6 +732,15 @@ impl Connection {
         h.header_len = header.len() as u32;
         h.payload_len = payload.len() as u32;
         if header.len() + payload.len() <= eager_max {
+            // A copy that finds no buffer fails the send before it takes a
+            // credit: a credit taken for a frame never sent would not come
+            // back, and the peer would be one message narrower for good.
+            let payload = match payload {
+                Payload::Bytes(b) if b.len() > INLINE_PAYLOAD_BYTES_MAX => {
+                    Payload::Buf(self.copy_to_arena(b)?)
+                }
+                other => other,
+            };
             self.send_credits -= 1;
             self.stats.eager_sent += 1;
             match payload {
@@ -742,10 +751,7 @@ impl Connection {
                 Payload::Buf(b) if b.len() <= INLINE_PAYLOAD_BYTES_MAX => {
                     self.queue_frame(h, header, &b, TxBody::None, done)
                 }
-                Payload::Bytes(b) => {
-                    let buf = self.copy_to_arena(b)?;
-                    self.queue_frame(h, header, &[], TxBody::One(buf), done)
-                }
+                Payload::Bytes(_) => unreachable!("copied above"),
                 Payload::Buf(b) => self.queue_frame(h, header, &[], TxBody::One(b), done),
                 Payload::Gather(bufs) => self.queue_frame(h, header, &[], TxBody::Many(bufs), done),
             }

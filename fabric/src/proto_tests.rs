@@ -951,3 +951,56 @@ fn a_remote_read_rts_on_a_plain_connection_is_refused() {
     let err = pair.feed(Side::B, &bytes).unwrap_err();
     assert_eq!(err, ProtocolError::RemoteReadUnsupported(FrameKind::Rts));
 }
+
+#[test]
+fn a_send_that_finds_no_buffer_keeps_its_credit() {
+    // Own arena: a tiny 4 KiB class, a 64 KiB class for receive buffers.
+    let arena = Arena::new(&ArenaConfig {
+        classes: vec![
+            SizeClass {
+                buf_bytes: 4 << 10,
+                count: 2,
+            },
+            SizeClass {
+                buf_bytes: 64 << 10,
+                count: 16,
+            },
+        ],
+        huge_pages: false,
+    })
+    .unwrap();
+    let config = ConnConfig {
+        eager_bytes_max: 8 << 10,
+        rx_chunk_bytes: 64 << 10,
+        credits: 4,
+        ..ConnConfig::default()
+    };
+    let mut pair = Pair::new(config);
+    pair.arena = arena.clone();
+    pair.a = Connection::new(arena.clone(), config);
+    pair.b = Connection::new(arena.clone(), config);
+    pair.drive().unwrap();
+    let _ = pair.events(Side::A);
+    let _ = pair.events(Side::B);
+    assert_eq!(pair.a.send_credits, 4);
+    // The 4 KiB class runs out (held elsewhere, e.g. queued to a slow peer).
+    let held: Vec<_> = (0..2).map(|_| arena.alloc(4096).unwrap()).collect();
+    for _ in 0..4 {
+        let r = pair.a.am_send(ECHO, b"h", Payload::Bytes(&[7u8; 2000]));
+        assert!(matches!(r, Err(SendError::NoMemory(_))), "{r:?}");
+    }
+    drop(held);
+    pair.drive().unwrap();
+    assert_eq!(pair.a.send_credits, 4, "no credit lost to the failed sends");
+    // Memory is back, the peer is healthy: a tiny message should flow.
+    pair.a.am_send(ECHO, b"h", Payload::Bytes(b"x")).unwrap();
+    pair.drive().unwrap();
+    let got = pair.serve(Side::B);
+    assert_eq!(
+        got.len(),
+        1,
+        "the message never left: credits {} parked {}",
+        pair.a.send_credits,
+        pair.a.parked.len()
+    );
+}

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 mod heartbeat;
 
 use crate::chunk_client::{call_chunk_service, ClientError};
+use crate::data::Data;
 use crate::log::{LogConfig, LogEngine};
 use crate::machine::{chunk_error, write_atomically, ChunkMachine, Disk};
 use crate::net::{handle_raft, FabricNode, Groups, Incoming, Network, Service};
@@ -588,6 +589,14 @@ impl Chunkserver {
             ..
         } = rpc;
         let copyset = group as u32;
+        // Only a mutation's body is kept as it came (into the log); other
+        // requests are small and some are served for long (a peer change):
+        // not in a fabric buffer all that time.
+        let body = if matches!(kind, service::KIND_WRITE | service::KIND_DELETE) {
+            body
+        } else {
+            Data::from(&body[..])
+        };
         let answer = match service::decode_request(kind, &body) {
             Ok(Request::Mutate(_)) => {
                 // The body goes into the log as it came off the fabric (it

@@ -266,10 +266,12 @@ impl FabricNode {
                     count: 512,
                 },
                 // Receive buffers (256 KiB by default), so that they do not
-                // take the large class's slots.
+                // take the large class's slots. Every connection keeps one
+                // and needs a second to roll over: with bodies kept in up to
+                // half of them, this serves about 60 connections.
                 SizeClass {
                     buf_bytes: 256 << 10,
-                    count: 64,
+                    count: 128,
                 },
                 SizeClass {
                     buf_bytes: 1 << 20,
@@ -466,7 +468,12 @@ fn serve(
                         Err(e) => {
                             // A connection that is gone or broken goes; one
                             // that could not take this message stays.
-                            if !matches!(e, SendError::NoMemory(_) | SendError::TooLarge { .. }) {
+                            if !matches!(
+                                e,
+                                SendError::NoMemory(_)
+                                    | SendError::TooLarge { .. }
+                                    | SendError::TooManyRpcs(_)
+                            ) {
                                 peers.remove(&addr);
                                 worker.close(ep, "a send to it failed");
                             }
@@ -491,8 +498,19 @@ fn serve(
                     body,
                 } => {
                     let payload = Payload::Bytes(&body);
-                    if let Err(e) = worker.reply(ep, service.am_id(), reply_to, &header, payload) {
-                        tracing::debug!(error = %e, "a reply to a peer that left");
+                    match worker.reply(ep, service.am_id(), reply_to, &header, payload) {
+                        Ok(()) => {}
+                        // Tell the caller now rather than let it time out.
+                        Err(e @ SendError::NoMemory(_)) => {
+                            let code = quiver_fabric::rpc::NO_MEMORY;
+                            let message = e.to_string();
+                            let am_id = service.am_id();
+                            if let Err(e) = worker.reply_error(ep, am_id, reply_to, code, &message)
+                            {
+                                tracing::debug!(error = %e, "a reply to a peer that left");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "a reply to a peer that left"),
                     }
                 }
                 Cmd::ReplyError {
@@ -572,7 +590,12 @@ pub fn handle_raft(groups: &Groups, rpc: Incoming) {
                 Err(e) => Err(e.to_string()),
             },
             KIND_VOTE => answer(&body, |r| raft.vote(r)).await,
-            KIND_SNAPSHOT => answer(&body, |r| raft.install_snapshot(r)).await,
+            KIND_SNAPSHOT => {
+                // An install runs for as long as its chunk data take to
+                // fetch: not in a fabric buffer all that time.
+                let body = body.to_vec();
+                answer(&body, |r| raft.install_snapshot(r)).await
+            }
             other => Err(format!("unknown Raft RPC kind {other}")),
         };
         match answered {

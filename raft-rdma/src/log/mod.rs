@@ -444,6 +444,9 @@ impl LogEngine {
                         // to its seal or its zeros, and a torn record left
                         // in the page would read as corruption.
                         cut_after(&path, offset as u64, bytes.len() as u64)?;
+                        // Cut and re-extended, the file has a hole: not worth
+                        // reusing (not written through).
+                        segment.reusable = false;
                         break offset;
                     }
                     Err(record::RecordError::Bad { offset, what }) => {
@@ -683,21 +686,45 @@ impl LogEngine {
     /// Entries with indexes in `[from, to)` that the log holds: from memory,
     /// or read back from their segments.
     pub fn entries(&self, group: u64, from: u64, to: u64) -> Result<Vec<Entry>, LogError> {
+        // The common case, every entry in memory, takes no segments lock
+        // (which only a read from disk needs, and which holds off the
+        // retiring of segments).
+        if let Some(entries) = self.entries_from(group, from, to, false)? {
+            return Ok(entries);
+        }
         let _in_use = self.segments_in_use.read().expect("segments lock");
+        Ok(self
+            .entries_from(group, from, to, true)?
+            .expect("reads allowed"))
+    }
+
+    /// [`LogEngine::entries`], reading from disk what is not in memory when
+    /// `may_read` (the caller holds the segments lock); None when it would
+    /// have to and may not.
+    fn entries_from(
+        &self,
+        group: u64,
+        from: u64,
+        to: u64,
+        may_read: bool,
+    ) -> Result<Option<Vec<Entry>>, LogError> {
         // Each entry's data, or where to read them (and how many bytes).
         type Wanted = (LogId, u8, Result<Data, (At, u32)>);
         let wanted: Vec<Wanted> = {
             let shared = self.lock();
             let Some(g) = shared.groups.get(&group) else {
-                return Ok(Vec::new());
+                return Ok(Some(Vec::new()));
             };
             let Some(first) = g.entries.front().map(|e| e.id.index) else {
-                return Ok(Vec::new());
+                return Ok(Some(Vec::new()));
             };
             let start = from.saturating_sub(first) as usize;
             let end = to.saturating_sub(first).min(g.entries.len() as u64) as usize;
-            g.entries
-                .range(start.min(end)..end)
+            let range = g.entries.range(start.min(end)..end);
+            if !may_read && range.clone().any(|e| e.data.is_none()) {
+                return Ok(None);
+            }
+            range
                 .map(|e| {
                     let data = match (&e.data, e.at) {
                         (Some(d), _) => Ok(d.clone()),
@@ -718,7 +745,8 @@ impl LogEngine {
                 };
                 Ok(Entry { id, tag, data })
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// Reads the data of entry `id` back from its record at `at`.
@@ -807,6 +835,8 @@ struct Writer {
     encoded_entries: Vec<(u64, LogId, usize)>,
     /// See [`LogEngine`]'s field of the same name.
     segments_in_use: Arc<RwLock<()>>,
+    /// Batches since retiring a segment first found readers in the way.
+    retire_misses: u32,
     /// Purge points already durable: only these may retire a segment.
     durable_purged: HashMap<u64, u64>,
     /// The next segment, being written with zeros on another thread.
@@ -893,6 +923,7 @@ impl Writer {
             cqes: Vec::with_capacity(1),
             encoded_entries: Vec::new(),
             segments_in_use,
+            retire_misses: 0,
             durable_purged,
             config,
             shared,
@@ -1237,10 +1268,20 @@ impl Writer {
             }
             // Not while an entry is being read back from a segment: the
             // writer would stall every copyset's appends behind the read.
-            // Retiring waits for the next batch instead.
-            let Ok(_retiring) = self.segments_in_use.try_write() else {
-                break;
+            // Retiring waits for a later batch instead, up to a point: after
+            // that many tries it waits for the readers, so a long catch-up
+            // cannot keep old segments (and the disk they take) forever.
+            const RETIRE_TRIES: u32 = 64;
+            let retiring = match self.segments_in_use.try_write() {
+                Ok(guard) => guard,
+                Err(_) if self.retire_misses < RETIRE_TRIES => {
+                    self.retire_misses += 1;
+                    break;
+                }
+                Err(_) => self.segments_in_use.write().expect("segments lock"),
             };
+            self.retire_misses = 0;
+            let _retiring = retiring;
             if oldest.reusable && self.free.len() < FREE_SEGMENTS_MAX {
                 let free = oldest.path.with_extension("free");
                 std::fs::rename(&oldest.path, &free).map_err(io_error("retiring", &oldest.path))?;
