@@ -370,6 +370,9 @@ struct Parked {
     copied_len: usize,
     payload: Option<Buf>,
     done: Option<SendId>,
+    /// An RPC request whose caller timed out before it left: skipped, its
+    /// payload buffer already let go.
+    cancelled: bool,
 }
 
 /// A rendezvous we sent an Rts for, waiting for Cts.
@@ -684,6 +687,7 @@ impl Connection {
             copied_len: copied.len(),
             payload: buf,
             done,
+            cancelled: false,
         });
         self.stats.parked += 1;
         Ok(())
@@ -797,6 +801,10 @@ impl Connection {
                 break;
             };
             let (header_len, total) = (p.header_len, p.header_len + p.copied_len);
+            if p.cancelled {
+                self.parked_fifo.pop(total);
+                continue;
+            }
             // `emit` needs `&mut self`, so the header (and a small copied payload)
             // leave the FIFO through a stack buffer.
             let mut scratch = [0u8; AM_HEADER_BYTES_MAX + INLINE_PAYLOAD_BYTES_MAX];
@@ -1453,6 +1461,18 @@ impl Connection {
                 .is_some_and(|r| r.deadline == deadline);
             if expired {
                 self.rpcs.remove(correlation);
+                // A request still parked behind a peer that does not read
+                // never leaves: let its buffer go now, not when the
+                // connection closes (a caller retrying every timeout would
+                // otherwise pile up a buffer per try).
+                for p in self
+                    .parked
+                    .iter_mut()
+                    .filter(|p| p.flags & flags::RPC_REQUEST != 0 && p.correlation == correlation)
+                {
+                    p.cancelled = true;
+                    p.payload = None;
+                }
                 self.push_event(Event::RpcDone {
                     id: RpcId(correlation),
                     result: Err(RpcError::Timeout),

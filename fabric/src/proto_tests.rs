@@ -1004,3 +1004,80 @@ fn a_send_that_finds_no_buffer_keeps_its_credit() {
         pair.a.parked.len()
     );
 }
+
+/// A peer that stops reading, and a caller that retries after each timeout
+/// (as openraft does): the parked copies of timed-out requests are let go.
+#[test]
+fn a_timed_out_rpc_still_parked_lets_its_buffer_go() {
+    let arena = Arena::new(&ArenaConfig {
+        classes: vec![
+            SizeClass {
+                buf_bytes: 4 << 10,
+                count: 64,
+            },
+            SizeClass {
+                buf_bytes: 64 << 10,
+                count: 64,
+            },
+        ],
+        huge_pages: false,
+    })
+    .unwrap();
+    let config = ConnConfig {
+        eager_bytes_max: 8 << 10,
+        rx_chunk_bytes: 64 << 10,
+        credits: 2,
+        ..ConnConfig::default()
+    };
+    let mut pair = Pair::new(config);
+    pair.arena = arena.clone();
+    pair.a = Connection::new(arena.clone(), config);
+    pair.b = Connection::new(arena.clone(), config);
+    pair.drive().unwrap();
+    let _ = pair.events(Side::A);
+    let _ = pair.events(Side::B);
+    let free64 = |a: &Arena| {
+        let b = a.alloc(60 << 10).unwrap().freeze();
+        b.class_usage().free + 1
+    };
+    let before = free64(&arena);
+    // The peer stops handling frames (its credits never come back).
+    let now = pair.now;
+    for _ in 0..2 {
+        pair.a
+            .rpc_call(
+                now,
+                ECHO,
+                b"h",
+                Payload::Bytes(&[1u8; 20_000]),
+                Duration::from_millis(100),
+            )
+            .unwrap();
+    }
+    let wire = pair.take_wire(Side::A);
+    pair.feed(Side::B, &wire).unwrap(); // B never polls its events
+                                        // Retries, as openraft makes them after each timeout.
+    for i in 0..10 {
+        let t = now + Duration::from_millis(200 * (i + 1));
+        pair.a
+            .rpc_call(
+                t,
+                ECHO,
+                b"h",
+                Payload::Bytes(&[1u8; 20_000]),
+                Duration::from_millis(100),
+            )
+            .unwrap();
+        pair.a.handle_timeout(t + Duration::from_millis(150));
+    }
+    let _ = pair.events(Side::A);
+    // The first two went out as rendezvous offers (their payloads wait for
+    // the peer's pull); the ten retries found no credit and parked.
+    assert_eq!(
+        before - free64(&arena),
+        2,
+        "parked {}, outstanding RPCs {}",
+        pair.a.parked.len(),
+        pair.a.rpcs.len()
+    );
+}
