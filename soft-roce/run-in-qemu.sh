@@ -21,7 +21,10 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SCRATCH=${QUIVER_SOFTROCE_DIR:-/tmp/quiver-soft-roce}
 TIMEOUT_S=${QUIVER_SOFTROCE_TIMEOUT:-600}
 TEST_TIMEOUT_S=${QUIVER_SOFTROCE_TEST_TIMEOUT:-$TIMEOUT_S}
-MEM_MB=${QUIVER_SOFTROCE_MEM_MB:-2048}
+# The chunkserver tests run up to four servers, each with its fabric arena
+# (about 130 MiB) registered, so pinned, beside files that live in memory:
+# 2 GiB ran out (the OOM killer took a server in a membership test).
+MEM_MB=${QUIVER_SOFTROCE_MEM_MB:-3072}
 CPUS=${QUIVER_SOFTROCE_CPUS:-2}
 PERFTEST_ITERS=${QUIVER_SOFTROCE_PERFTEST_ITERS:-10000}
 PERFTEST_ARGS=${QUIVER_SOFTROCE_PERFTEST_ARGS:-}
