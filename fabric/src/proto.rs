@@ -694,25 +694,28 @@ impl Connection {
     }
 
     fn gather_to_arena(&self, bufs: &[Buf]) -> Result<Buf, SendError> {
-        let len = bufs.iter().map(|b| b.len()).sum();
+        self.copy_pieces_to_arena(bufs.iter().map(|b| &b[..]))
+    }
+
+    fn copy_to_arena(&self, bytes: &[u8]) -> Result<Buf, SendError> {
+        self.copy_pieces_to_arena(std::iter::once(bytes))
+    }
+
+    /// One arena buffer holding `pieces` one after another.
+    fn copy_pieces_to_arena<'p>(
+        &self,
+        pieces: impl Iterator<Item = &'p [u8]> + Clone,
+    ) -> Result<Buf, SendError> {
+        let len = pieces.clone().map(<[u8]>::len).sum();
         let mut buf = self
             .arena
             .alloc(len)
             .map_err(|e| SendError::NoMemory(e.to_string()))?;
         let mut at = 0;
-        for b in bufs {
-            buf[at..at + b.len()].copy_from_slice(b);
-            at += b.len();
+        for piece in pieces {
+            buf[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
         }
-        Ok(buf.freeze())
-    }
-
-    fn copy_to_arena(&self, bytes: &[u8]) -> Result<Buf, SendError> {
-        let mut buf = self
-            .arena
-            .alloc(bytes.len())
-            .map_err(|e| SendError::NoMemory(e.to_string()))?;
-        buf.copy_from_slice(bytes);
         Ok(buf.freeze())
     }
 
@@ -749,13 +752,11 @@ impl Connection {
             self.stats.eager_sent += 1;
             match payload {
                 Payload::None => self.queue_frame(h, header, &[], TxBody::None, done),
-                Payload::Bytes(b) if b.len() <= INLINE_PAYLOAD_BYTES_MAX => {
-                    self.queue_frame(h, header, b, TxBody::None, done)
-                }
+                // (Only small ones are left: larger were copied above.)
+                Payload::Bytes(b) => self.queue_frame(h, header, b, TxBody::None, done),
                 Payload::Buf(b) if b.len() <= INLINE_PAYLOAD_BYTES_MAX => {
                     self.queue_frame(h, header, &b, TxBody::None, done)
                 }
-                Payload::Bytes(_) => unreachable!("copied above"),
                 Payload::Buf(b) => self.queue_frame(h, header, &[], TxBody::One(b), done),
                 Payload::Gather(bufs) => self.queue_frame(h, header, &[], TxBody::Many(bufs), done),
             }

@@ -975,13 +975,7 @@ fn a_send_that_finds_no_buffer_keeps_its_credit() {
         credits: 4,
         ..ConnConfig::default()
     };
-    let mut pair = Pair::new(config);
-    pair.arena = arena.clone();
-    pair.a = Connection::new(arena.clone(), config);
-    pair.b = Connection::new(arena.clone(), config);
-    pair.drive().unwrap();
-    let _ = pair.events(Side::A);
-    let _ = pair.events(Side::B);
+    let mut pair = established_on(&arena, config);
     assert_eq!(pair.a.send_credits, 4);
     // The 4 KiB class runs out (held elsewhere, e.g. queued to a slow peer).
     let held: Vec<_> = (0..2).map(|_| arena.alloc(4096).unwrap()).collect();
@@ -1029,13 +1023,7 @@ fn a_timed_out_rpc_still_parked_lets_its_buffer_go() {
         credits: 2,
         ..ConnConfig::default()
     };
-    let mut pair = Pair::new(config);
-    pair.arena = arena.clone();
-    pair.a = Connection::new(arena.clone(), config);
-    pair.b = Connection::new(arena.clone(), config);
-    pair.drive().unwrap();
-    let _ = pair.events(Side::A);
-    let _ = pair.events(Side::B);
+    let mut pair = established_on(&arena, config);
     let free64 = |a: &Arena| {
         let b = a.alloc(60 << 10).unwrap().freeze();
         b.class_usage().free + 1
@@ -1080,4 +1068,16 @@ fn a_timed_out_rpc_still_parked_lets_its_buffer_go() {
         pair.a.parked.len(),
         pair.a.rpcs.len()
     );
+}
+
+/// An established pair whose connections take their buffers from `arena`.
+fn established_on(arena: &Arena, config: ConnConfig) -> Pair {
+    let mut pair = Pair::new(config);
+    pair.arena = arena.clone();
+    pair.a = Connection::new(arena.clone(), config);
+    pair.b = Connection::new(arena.clone(), config);
+    pair.drive().unwrap();
+    let _ = pair.events(Side::A);
+    let _ = pair.events(Side::B);
+    pair
 }

@@ -605,13 +605,7 @@ impl Worker {
         header: &[u8],
         payload: Payload<'_>,
     ) -> Result<(), SendError> {
-        let e = self
-            .endpoints
-            .get_mut(ep.0)
-            .ok_or(SendError::Disconnected)?;
-        e.conn.reply(am_id, reply_to, header, payload)?;
-        self.flush(ep.0);
-        Ok(())
+        self.on_endpoint(ep, |conn| conn.reply(am_id, reply_to, header, payload))
     }
 
     /// Answers RPC request `reply_to` that arrived on `ep` with an error,
@@ -624,11 +618,20 @@ impl Worker {
         code: u32,
         message: &str,
     ) -> Result<(), SendError> {
+        self.on_endpoint(ep, |conn| conn.reply_error(am_id, reply_to, code, message))
+    }
+
+    /// Queues something on `ep`'s connection and writes it out.
+    fn on_endpoint(
+        &mut self,
+        ep: EndpointId,
+        queue: impl FnOnce(&mut Connection) -> Result<(), SendError>,
+    ) -> Result<(), SendError> {
         let e = self
             .endpoints
             .get_mut(ep.0)
             .ok_or(SendError::Disconnected)?;
-        e.conn.reply_error(am_id, reply_to, code, message)?;
+        queue(&mut e.conn)?;
         self.flush(ep.0);
         Ok(())
     }

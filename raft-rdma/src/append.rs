@@ -208,7 +208,6 @@ mod tests {
     use super::*;
     use crate::store::Request;
     use openraft::{EntryPayload, Membership};
-    use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
     use std::collections::BTreeSet;
 
     fn id(term: u64, node: u64, index: u64) -> openraft::LogId<u64> {
@@ -266,14 +265,7 @@ mod tests {
 
     #[test]
     fn received_entries_are_slices_of_the_payload_buffer() {
-        let arena = Arena::new(&ArenaConfig {
-            classes: vec![SizeClass {
-                buf_bytes: 4096,
-                count: 1,
-            }],
-            huge_pages: false,
-        })
-        .unwrap();
+        let arena = crate::data::one_buffer_arena();
         let rpc = sample();
         let encoded = encode_request(&rpc);
         let bytes = joined(&encoded);

@@ -97,21 +97,27 @@ impl fmt::Debug for Data {
     }
 }
 
+/// An arena of one 4 KiB buffer, for tests of fabric-held data.
+#[cfg(test)]
+pub(crate) fn one_buffer_arena() -> quiver_fabric::arena::Arena {
+    use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+    Arena::new(&ArenaConfig {
+        classes: vec![SizeClass {
+            buf_bytes: 4096,
+            count: 1,
+        }],
+        huge_pages: false,
+    })
+    .expect("a 4 KiB arena")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Data;
-    use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+    use super::{one_buffer_arena, Data};
 
     #[test]
     fn a_slice_of_a_fabric_buffer_shares_its_memory() {
-        let arena = Arena::new(&ArenaConfig {
-            classes: vec![SizeClass {
-                buf_bytes: 4096,
-                count: 1,
-            }],
-            huge_pages: false,
-        })
-        .unwrap();
+        let arena = one_buffer_arena();
         let mut buf = arena.alloc(100).unwrap();
         buf.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
         let data = Data::from(buf.freeze());

@@ -456,10 +456,14 @@ fn serve(
                             }
                         },
                     };
-                    let payload = match &body {
-                        Body::Bytes(b) => Payload::Bytes(b),
-                        Body::Buf(b) => Payload::Buf(b.clone()),
-                        Body::Gather(bufs) => Payload::Gather(bufs.clone()),
+                    let bytes: Vec<u8>;
+                    let payload = match body {
+                        Body::Bytes(b) => {
+                            bytes = b;
+                            Payload::Bytes(&bytes)
+                        }
+                        Body::Buf(b) => Payload::Buf(b),
+                        Body::Gather(bufs) => Payload::Gather(bufs),
                     };
                     match worker.rpc_call(ep, service.am_id(), &header, payload, timeout) {
                         Ok(id) => {
@@ -701,18 +705,30 @@ impl PeerClient {
         let encoded = append::encode_request(rpc);
         let mut header = header(KIND_APPEND, self.group).to_vec();
         header.extend_from_slice(&encoded.header);
-        let nonempty: Vec<&Data> = encoded.data.iter().filter(|d| !d.is_empty()).collect();
-        let bufs: Option<Vec<Buf>> = nonempty.iter().map(|d| d.fabric_buf().cloned()).collect();
-        let body = match bufs {
-            Some(mut bufs) if bufs.len() == 1 => Body::Buf(bufs.pop().expect("one")),
-            Some(bufs) if !bufs.is_empty() => Body::Gather(bufs),
-            _ => {
-                let mut gathered = Vec::with_capacity(encoded.data_len());
-                for d in &encoded.data {
-                    gathered.extend_from_slice(d);
-                }
-                Body::Bytes(gathered)
+        let all_fabric = encoded
+            .data
+            .iter()
+            .all(|d| d.is_empty() || d.fabric_buf().is_some());
+        let body = if all_fabric {
+            let mut bufs: Vec<Buf> = encoded
+                .data
+                .into_iter()
+                .filter_map(|d| match d {
+                    Data::Fabric(b) if !b.is_empty() => Some(b),
+                    _ => None,
+                })
+                .collect();
+            match bufs.len() {
+                0 => Body::Bytes(Vec::new()),
+                1 => Body::Buf(bufs.swap_remove(0)),
+                _ => Body::Gather(bufs),
             }
+        } else {
+            let mut gathered = Vec::with_capacity(encoded.data_len());
+            for d in &encoded.data {
+                gathered.extend_from_slice(d);
+            }
+            Body::Bytes(gathered)
         };
         self.call_with(header, body, option).await
     }

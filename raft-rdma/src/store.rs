@@ -379,13 +379,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         // Entries no longer in memory (a lagging follower's catch-up) are
         // read from disk on a blocking thread, not the runtime's.
-        let entries = if self.engine.entries_held(self.group, from, to) {
-            self.engine.entries(self.group, from, to)
-        } else {
-            let (engine, group) = (Arc::clone(&self.engine), self.group);
-            tokio::task::spawn_blocking(move || engine.entries(group, from, to))
-                .await
-                .unwrap_or_else(|e| Err(LogError::Failed(format!("reading entries: {e}"))))
+        let entries = match self.engine.entries_in_memory(self.group, from, to) {
+            Some(entries) => Ok(entries),
+            None => {
+                let (engine, group) = (Arc::clone(&self.engine), self.group);
+                tokio::task::spawn_blocking(move || engine.entries(group, from, to))
+                    .await
+                    .unwrap_or_else(|e| Err(LogError::Failed(format!("reading entries: {e}"))))
+            }
         };
         entries
             .map_err(|e| Error::from(StorageIOError::read_logs(openraft::AnyError::error(e))))?

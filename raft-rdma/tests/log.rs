@@ -556,3 +556,21 @@ fn a_batch_torn_after_its_first_page_still_opens_after_a_roll() {
         Err(e) => panic!("reopen after a roll: {e}"),
     }
 }
+
+#[test]
+fn an_entry_over_the_record_limit_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    let huge = Entry {
+        id: id(1),
+        tag: 1,
+        data: Data::from(vec![0u8; quiver_raft::log::record::PAYLOAD_BYTES_MAX]),
+    };
+    let refused = log.append(1, vec![huge], Box::new(|_| {}));
+    assert!(
+        matches!(refused, Err(LogError::TooLarge { index: 1, .. })),
+        "{refused:?}"
+    );
+    append(&log, 1, 1, 3);
+    check(&log, 1, 1, 3);
+}

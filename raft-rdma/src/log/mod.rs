@@ -98,6 +98,13 @@ pub enum LogError {
     },
     #[error("group {group}: entry {index} does not follow the log's last index {last}")]
     NotContiguous { group: u64, index: u64, last: u64 },
+    #[error("group {group}: entry {index} of {len} bytes is over the record limit of {max}")]
+    TooLarge {
+        group: u64,
+        index: u64,
+        len: usize,
+        max: usize,
+    },
     #[error("the log engine stopped after a write failed: {0}")]
     Failed(String),
     #[error("io_uring: {0}")]
@@ -182,6 +189,14 @@ struct Group {
 impl Group {
     fn last(&self) -> Option<LogId> {
         self.entries.back().map(|e| e.id).or(self.purged)
+    }
+
+    /// The entries with indexes in `[from, to)`.
+    fn range(&self, from: u64, to: u64) -> std::collections::vec_deque::Iter<'_, Stored> {
+        let first = self.entries.front().map_or(0, |e| e.id.index);
+        let start = from.saturating_sub(first) as usize;
+        let end = to.saturating_sub(first).min(self.entries.len() as u64) as usize;
+        self.entries.range(start.min(end)..end)
     }
 
     fn get_mut(&mut self, index: u64) -> Option<&mut Stored> {
@@ -523,6 +538,18 @@ impl LogEngine {
         mut entries: Vec<Entry>,
         done: Durable,
     ) -> Result<(), LogError> {
+        // The record is the tag byte, then the data.
+        if let Some(e) = entries
+            .iter()
+            .find(|e| 1 + e.data.len() > record::PAYLOAD_BYTES_MAX)
+        {
+            return Err(LogError::TooLarge {
+                group,
+                index: e.id.index,
+                len: 1 + e.data.len(),
+                max: record::PAYLOAD_BYTES_MAX,
+            });
+        }
         let mut shared = self.lock();
         self.check(&shared)?;
         let g = shared.groups.entry(group).or_default();
@@ -559,7 +586,7 @@ impl LogEngine {
             g.push(Stored {
                 id: e.id,
                 tag: e.tag,
-                len: u32::try_from(e.data.len()).expect("an entry under 4 GiB"),
+                len: e.data.len() as u32, // under PAYLOAD_BYTES_MAX, checked above
                 data: Some(e.data.clone()),
                 at: None,
             });
@@ -666,65 +693,40 @@ impl LogEngine {
         self.lock().groups.get(&group).and_then(|g| g.committed)
     }
 
-    /// Whether every entry of `group` in `[from, to)` is in memory (so
-    /// [`LogEngine::entries`] will not touch the disk).
-    pub fn entries_held(&self, group: u64, from: u64, to: u64) -> bool {
+    /// Entries with indexes in `[from, to)` that the log holds, if all of
+    /// them are in memory (the common case: no disk, no segments lock).
+    pub fn entries_in_memory(&self, group: u64, from: u64, to: u64) -> Option<Vec<Entry>> {
         let shared = self.lock();
         let Some(g) = shared.groups.get(&group) else {
-            return true;
+            return Some(Vec::new());
         };
-        let Some(first) = g.entries.front().map(|e| e.id.index) else {
-            return true;
-        };
-        let start = from.saturating_sub(first) as usize;
-        let end = to.saturating_sub(first).min(g.entries.len() as u64) as usize;
-        g.entries
-            .range(start.min(end)..end)
-            .all(|e| e.data.is_some())
+        g.range(from, to)
+            .map(|e| {
+                Some(Entry {
+                    id: e.id,
+                    tag: e.tag,
+                    data: e.data.clone()?,
+                })
+            })
+            .collect()
     }
 
     /// Entries with indexes in `[from, to)` that the log holds: from memory,
     /// or read back from their segments.
     pub fn entries(&self, group: u64, from: u64, to: u64) -> Result<Vec<Entry>, LogError> {
-        // The common case, every entry in memory, takes no segments lock
-        // (which only a read from disk needs, and which holds off the
-        // retiring of segments).
-        if let Some(entries) = self.entries_from(group, from, to, false)? {
+        if let Some(entries) = self.entries_in_memory(group, from, to) {
             return Ok(entries);
         }
+        // A read from disk holds off the retiring of the segments it names.
         let _in_use = self.segments_in_use.read().expect("segments lock");
-        Ok(self
-            .entries_from(group, from, to, true)?
-            .expect("reads allowed"))
-    }
-
-    /// [`LogEngine::entries`], reading from disk what is not in memory when
-    /// `may_read` (the caller holds the segments lock); None when it would
-    /// have to and may not.
-    fn entries_from(
-        &self,
-        group: u64,
-        from: u64,
-        to: u64,
-        may_read: bool,
-    ) -> Result<Option<Vec<Entry>>, LogError> {
         // Each entry's data, or where to read them (and how many bytes).
         type Wanted = (LogId, u8, Result<Data, (At, u32)>);
         let wanted: Vec<Wanted> = {
             let shared = self.lock();
             let Some(g) = shared.groups.get(&group) else {
-                return Ok(Some(Vec::new()));
+                return Ok(Vec::new());
             };
-            let Some(first) = g.entries.front().map(|e| e.id.index) else {
-                return Ok(Some(Vec::new()));
-            };
-            let start = from.saturating_sub(first) as usize;
-            let end = to.saturating_sub(first).min(g.entries.len() as u64) as usize;
-            let range = g.entries.range(start.min(end)..end);
-            if !may_read && range.clone().any(|e| e.data.is_none()) {
-                return Ok(None);
-            }
-            range
+            g.range(from, to)
                 .map(|e| {
                     let data = match (&e.data, e.at) {
                         (Some(d), _) => Ok(d.clone()),
@@ -745,8 +747,7 @@ impl LogEngine {
                 };
                 Ok(Entry { id, tag, data })
             })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+            .collect()
     }
 
     /// Reads the data of entry `id` back from its record at `at`.
