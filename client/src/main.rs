@@ -182,7 +182,7 @@ struct BenchReplication {
     /// Transport: tcp, verbs, or auto (verbs where a device answers).
     #[arg(long, value_enum, default_value_t = Transport::Auto)]
     transport: Transport,
-    /// Microseconds every fabric thread (servers' and ours) polls after work
+    /// Microseconds every fabric worker (servers' and ours) polls after work
     /// before it sleeps. Four processes share the machine here: spinning
     /// threads take the cores the others need, so the default is not to.
     #[arg(long, default_value_t = 0)]

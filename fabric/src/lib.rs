@@ -31,6 +31,6 @@ pub use proto::{
 };
 pub use transport::TransportChoice;
 pub use worker::{
-    AmContext, AmHandler, Completion, EndpointId, EndpointTransport, Worker, WorkerConfig,
+    AmContext, AmHandler, Completion, EndpointId, EndpointTransport, Sleep, Worker, WorkerConfig,
     WorkerError, WorkerWaker,
 };

@@ -18,6 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -703,7 +704,50 @@ impl Worker {
 
     /// Does all work that is ready, without sleeping; returns how much was done.
     pub fn progress(&mut self) -> usize {
-        self.progress_once(Some(Duration::ZERO), Instant::now())
+        let now = Instant::now();
+        let work = self.progress_once(Some(Duration::ZERO), now, true);
+        if work > 0 {
+            self.last_work = now;
+        }
+        work
+    }
+
+    /// The epoll descriptor every source of the worker's work is registered
+    /// in (sockets, listeners, the completion channel, the waker): readable
+    /// when one has an event, so an async runtime can wait on it in place of
+    /// the worker's own sleep (see [`Worker::prepare_sleep`]).
+    ///
+    /// This is a duplicate of the descriptor (the same epoll instance), the
+    /// caller's to own: it stays valid however long the caller keeps it.
+    pub fn poll_fd(&self) -> io::Result<OwnedFd> {
+        // SAFETY: the Poll owns the descriptor and outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.poll.as_raw_fd()) };
+        fd.try_clone_to_owned()
+    }
+
+    /// For a caller that waits on [`Worker::poll_fd`] itself: does what the
+    /// worker does before it sleeps (arms the completion queue, then one full
+    /// round that also takes every pending epoll event, so none is left
+    /// behind that would not wake the caller again) and says whether to wait
+    /// and for how long (the earliest RPC deadline or memory retry). While
+    /// the spin since the last work lasts, the answer is not yet.
+    pub fn prepare_sleep(&mut self) -> Sleep {
+        let now = Instant::now();
+        if now.duration_since(self.last_work) < self.spin {
+            self.stats.spins += 1;
+            return Sleep::NotYet;
+        }
+        // The round first: it clears `memory_blocked`, which a failed arming sets.
+        let mut work = self.progress_once(Some(Duration::ZERO), now, false);
+        work += self.arm_verbs(now);
+        if work > 0 {
+            let woke = Instant::now();
+            self.adapt_spin(woke.duration_since(self.last_work));
+            self.last_work = woke;
+            return Sleep::NotYet;
+        }
+        self.stats.sleeps += 1;
+        Sleep::For(self.sleep_timeout(now, None))
     }
 
     /// Progresses until `done` says so or `deadline` passes, spinning while
@@ -731,7 +775,7 @@ impl Worker {
             };
             // One clock read per spinning round: under emulation each read
             // can be a microsecond-long syscall.
-            if self.progress_once(timeout, now) > 0 {
+            if self.progress_once(timeout, now, true) > 0 {
                 if spinning {
                     self.last_work = now;
                 } else {
@@ -763,6 +807,21 @@ impl Worker {
         });
     }
 
+    /// About to sleep: arms the completion queue, then polls it once more, as
+    /// a completion between the last poll and the arming raises no event.
+    /// Returns the work that poll found.
+    fn arm_verbs(&mut self, now: Instant) -> usize {
+        let Some(port) = self.verbs.as_mut() else {
+            return 0;
+        };
+        if let Err(e) = port.arm() {
+            tracing::error!(error = %e, "arming the completion queue failed");
+            // Retry on the memory timer rather than sleep unarmed for good.
+            self.memory_blocked = true;
+        }
+        self.poll_verbs(now)
+    }
+
     /// How long the next poll may sleep: until the caller's deadline or the
     /// earliest RPC deadline, whichever is first.
     fn sleep_timeout(&mut self, now: Instant, deadline: Option<Instant>) -> Option<Duration> {
@@ -785,27 +844,29 @@ impl Worker {
 
     /// One round; `now` is the caller's clock reading, taken again only after
     /// a sleep.
-    fn progress_once(&mut self, mut timeout: Option<Duration>, mut now: Instant) -> usize {
+    /// `direct`: a spinning round may try the sockets of a few endpoints
+    /// directly instead of asking epoll.
+    fn progress_once(
+        &mut self,
+        mut timeout: Option<Duration>,
+        mut now: Instant,
+        direct: bool,
+    ) -> usize {
         let mut work = 0;
         self.memory_blocked = false;
         self.polls = self.polls.wrapping_add(1);
-        if timeout != Some(Duration::ZERO) {
-            if let Some(port) = self.verbs.as_mut() {
-                // About to sleep: arm, then poll once more, as a completion
-                // between the last poll and the arming raises no event.
-                if let Err(e) = port.arm() {
-                    tracing::error!(error = %e, "arming the completion queue failed");
-                    timeout = Some(MEMORY_RETRY);
-                }
-                let found = self.poll_verbs(now);
-                if found > 0 {
-                    work += found;
-                    timeout = Some(Duration::ZERO);
-                }
+        if timeout != Some(Duration::ZERO) && self.verbs.is_some() {
+            let found = self.arm_verbs(now);
+            if found > 0 {
+                work += found;
+                timeout = Some(Duration::ZERO);
+            } else if self.memory_blocked {
+                timeout = Some(MEMORY_RETRY);
             }
         }
         let spinning = timeout == Some(Duration::ZERO);
         if spinning
+            && direct
             && self.live.len() <= DIRECT_POLL_ENDPOINTS_MAX
             && !self.polls.is_multiple_of(DIRECT_POLLS_PER_EPOLL)
         {
@@ -1510,6 +1571,15 @@ fn set_send_buffer(sock: &TcpStream, bytes: usize) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// What [`Worker::prepare_sleep`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sleep {
+    /// There is work (or the spin lasts): progress again first.
+    NotYet,
+    /// Wait for the poll descriptor, at most this long (`None`: no limit).
+    For(Option<Duration>),
 }
 
 /// The spin after a sleep that ended with work `gap` after the last work.

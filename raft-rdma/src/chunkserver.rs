@@ -123,7 +123,7 @@ pub struct ChunkserverConfig {
     /// reads): a quarter in 4 KiB buffers, a quarter in 64 KiB, half in 1 MiB.
     #[serde(default = "default_arena_mib")]
     pub arena_mib: usize,
-    /// Microseconds the fabric thread (it adapts up to 16x this) and the
+    /// Microseconds the fabric task (it adapts up to 16x this) and the
     /// log writer poll after work before they sleep. Spinning buys latency
     /// with a core: on a machine with fewer cores than busy threads it costs
     /// more than it buys (measured: 4 processes on 2 cores, a 200 us fabric
@@ -552,7 +552,7 @@ impl Chunkserver {
         if let Ok(Err(e)) = synced {
             tracing::warn!(error = %e, "syncing chunks at shutdown failed");
         }
-        self.0.fabric.shutdown();
+        self.0.fabric.shutdown().await;
     }
 
     async fn serve(self, mut inbound: tokio::sync::mpsc::UnboundedReceiver<Incoming>) {

@@ -1,11 +1,10 @@
 //! openraft's network over the fabric.
 //!
-//! A [`FabricNode`] runs one fabric worker on its own thread (the worker is
-//! progressed by the thread that owns it) and bridges it to the async
-//! runtime Raft runs on: outgoing Raft RPCs are commands queued to that
-//! thread (waking it), their answers come back through oneshot channels;
-//! incoming Raft RPCs are handed to the runtime, which answers through a
-//! [`Replier`]. Endpoints to peers are made on first use, on whichever
+//! A [`FabricNode`] runs one fabric worker as a task of the async runtime
+//! Raft runs on (the task owns the worker and progresses it): outgoing Raft
+//! RPCs are commands queued to that task, their answers come back through
+//! oneshot channels; incoming Raft RPCs are handed to other tasks, which
+//! answer through a [`Replier`]. Endpoints to peers are made on first use, on whichever
 //! transport the fabric negotiates (verbs where both sides have RDMA).
 //!
 //! Messages: a 9-byte header names the RPC (append, vote, snapshot) and the
@@ -23,9 +22,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -39,7 +39,7 @@ use openraft::{BasicNode, EntryPayload, Raft};
 use quiver_fabric::arena::{Arena, ArenaConfig, Buf, SizeClass};
 use quiver_fabric::{
     AmData, Completion, EndpointId, EndpointTransport, Payload, RpcError, RpcId, RpcReply,
-    SendError, Worker, WorkerConfig, WorkerWaker,
+    SendError, Sleep, Worker, WorkerConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -115,7 +115,7 @@ pub enum CallError {
     Unreachable { addr: SocketAddr, why: String },
     #[error("{0}")]
     Rpc(RpcError),
-    #[error("the node's fabric thread has stopped")]
+    #[error("the node's fabric task has stopped")]
     Stopped,
 }
 
@@ -137,7 +137,7 @@ fn keep_or_copy(buf: Buf) -> Data {
     }
 }
 
-/// A message's payload, as the runtime hands it to the fabric thread.
+/// A message's payload, as a task hands it to the fabric task.
 enum Body {
     /// Copied by the fabric (inline when small, into its arena otherwise).
     Bytes(Vec<u8>),
@@ -223,38 +223,58 @@ impl Replier {
     }
 }
 
-/// The way into a node's fabric thread.
+/// The way into a node's fabric task, from any thread.
 #[derive(Clone)]
 struct Link {
-    cmds: mpsc::Sender<Cmd>,
-    kick: Arc<AtomicBool>,
-    waker: WorkerWaker,
+    cmds: tokio::sync::mpsc::UnboundedSender<Cmd>,
 }
 
 impl Link {
     fn push(&self, cmd: Cmd) -> bool {
-        let sent = self.cmds.send(cmd).is_ok();
-        self.kick.store(true, Ordering::Release);
-        self.waker.wake();
-        sent
+        self.cmds.send(cmd).is_ok()
     }
 }
 
-/// One node's fabric worker, on its own thread.
+/// One node's fabric worker, progressed by a task of the runtime that
+/// started it: Raft, the chunk service and the fabric share the runtime's
+/// threads, so handing a message between them is a task wake-up, not a
+/// thread's (on a machine with few cores, every thread hop on a write's
+/// path was a context switch and often a sleeping CPU's wake-up).
 pub struct FabricNode {
     pub addr: SocketAddr,
     link: Link,
-    stop: Arc<AtomicBool>,
-    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    stop: Arc<Stop>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Tells the fabric task to end.
+#[derive(Default)]
+struct Stop {
+    set: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    fn set(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
 }
 
 impl FabricNode {
-    /// Starts the worker listening on `listen`; incoming Raft RPCs go to `inbound`.
+    /// Starts the worker listening on `listen`; incoming RPCs go to
+    /// `inbound`. Call inside a Tokio runtime: the worker runs on it.
     pub fn start(
         listen: SocketAddr,
         config: WorkerConfig,
         inbound: tokio::sync::mpsc::UnboundedSender<Incoming>,
     ) -> anyhow::Result<FabricNode> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| anyhow::anyhow!("a fabric node starts inside a Tokio runtime"))?;
         let arena = Arena::new(&ArenaConfig {
             classes: vec![
                 SizeClass {
@@ -282,12 +302,8 @@ impl FabricNode {
         })?;
         let mut worker = Worker::new(arena, config)?;
         let addr = worker.listen(listen)?;
-        let (tx, rx) = mpsc::channel();
-        let link = Link {
-            cmds: tx,
-            kick: Arc::new(AtomicBool::new(false)),
-            waker: worker.waker(),
-        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let link = Link { cmds: tx };
         for service in Service::ALL {
             let handler_link = link.clone();
             let inbound = inbound.clone();
@@ -332,17 +348,13 @@ impl FabricNode {
                 }),
             );
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = Arc::clone(&stop);
-        let kick = Arc::clone(&link.kick);
-        let thread = std::thread::Builder::new()
-            .name("raft-fabric".into())
-            .spawn(move || serve(worker, rx, kick, thread_stop))?;
+        let stop = Arc::new(Stop::default());
+        let task = runtime.spawn(serve(worker, rx, Arc::clone(&stop)));
         Ok(FabricNode {
             addr,
             link,
             stop,
-            thread: std::sync::Mutex::new(Some(thread)),
+            task: std::sync::Mutex::new(Some(task)),
         })
     }
 
@@ -398,158 +410,232 @@ impl FabricNode {
 
     /// Whether [`FabricNode::shutdown`] ran.
     pub fn is_shut_down(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
+        self.stop.is_set()
     }
 
-    /// Stops the fabric thread: its connections close and calls fail.
-    pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Release);
-        self.link.waker.wake();
-        let thread = self.thread.lock().expect("fabric node lock").take();
-        if let Some(t) = thread {
-            let _ = t.join();
+    /// Stops the fabric task and waits for it: its connections are closed
+    /// and its listener gone when this returns; calls fail from then on.
+    pub async fn shutdown(&self) {
+        self.stop.set();
+        let task = self.task.lock().expect("fabric node lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
         }
     }
 }
 
 impl Drop for FabricNode {
     fn drop(&mut self) {
-        self.shutdown();
+        // The task ends at its next turn and closes the connections.
+        self.stop.set();
     }
 }
 
-/// The fabric thread: carries out commands, progresses the worker, and
-/// resolves answered calls.
-fn serve(
-    mut worker: Worker,
-    cmds: mpsc::Receiver<Cmd>,
-    kick: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-) {
-    let mut peers: HashMap<SocketAddr, EndpointId> = HashMap::new();
-    let mut calls: HashMap<(EndpointId, RpcId), Answer> = HashMap::new();
-    while !stop.load(Ordering::Acquire) {
-        kick.store(false, Ordering::Release);
-        while let Ok(cmd) = cmds.try_recv() {
-            match cmd {
-                Cmd::Call {
-                    addr,
-                    service,
-                    header,
-                    body,
-                    timeout,
-                    answer,
-                } => {
-                    let ep = match peers.get(&addr) {
-                        Some(&ep) => ep,
-                        None => match worker.connect(addr) {
-                            Ok(ep) => {
-                                peers.insert(addr, ep);
-                                ep
-                            }
-                            Err(e) => {
-                                let _ = answer.send(Err(CallError::Unreachable {
-                                    addr,
-                                    why: e.to_string(),
-                                }));
-                                continue;
-                            }
-                        },
-                    };
-                    let bytes: Vec<u8>;
-                    let payload = match body {
-                        Body::Bytes(b) => {
-                            bytes = b;
-                            Payload::Bytes(&bytes)
-                        }
-                        Body::Buf(b) => Payload::Buf(b),
-                        Body::Gather(bufs) => Payload::Gather(bufs),
-                    };
-                    match worker.rpc_call(ep, service.am_id(), &header, payload, timeout) {
-                        Ok(id) => {
-                            calls.insert((ep, id), answer);
+/// Calls in flight and the endpoints to peers, kept by the fabric task.
+#[derive(Default)]
+struct Serving {
+    peers: HashMap<SocketAddr, EndpointId>,
+    calls: HashMap<(EndpointId, RpcId), Answer>,
+}
+
+impl Serving {
+    /// Carries out one command from the runtime.
+    fn carry_out(&mut self, worker: &mut Worker, cmd: Cmd) {
+        match cmd {
+            Cmd::Call {
+                addr,
+                service,
+                header,
+                body,
+                timeout,
+                answer,
+            } => {
+                let ep = match self.peers.get(&addr) {
+                    Some(&ep) => ep,
+                    None => match worker.connect(addr) {
+                        Ok(ep) => {
+                            self.peers.insert(addr, ep);
+                            ep
                         }
                         Err(e) => {
-                            // A connection that is gone or broken goes; one
-                            // that could not take this message stays.
-                            if !matches!(
-                                e,
-                                SendError::NoMemory(_)
-                                    | SendError::TooLarge { .. }
-                                    | SendError::TooManyRpcs(_)
-                            ) {
-                                peers.remove(&addr);
-                                worker.close(ep, "a send to it failed");
-                            }
                             let _ = answer.send(Err(CallError::Unreachable {
                                 addr,
                                 why: e.to_string(),
                             }));
+                            return;
                         }
+                    },
+                };
+                let bytes: Vec<u8>;
+                let payload = match body {
+                    Body::Bytes(b) => {
+                        bytes = b;
+                        Payload::Bytes(&bytes)
                     }
-                }
-                Cmd::Transport { addr, answer } => {
-                    let t = peers
-                        .get(&addr)
-                        .and_then(|&ep| worker.endpoint_transport(ep));
-                    let _ = answer.send(t);
-                }
-                Cmd::Reply {
-                    ep,
-                    service,
-                    reply_to,
-                    header,
-                    body,
-                } => {
-                    let payload = Payload::Bytes(&body);
-                    match worker.reply(ep, service.am_id(), reply_to, &header, payload) {
-                        Ok(()) => {}
-                        // Tell the caller now rather than let it time out.
-                        Err(e @ SendError::NoMemory(_)) => {
-                            let code = quiver_fabric::rpc::NO_MEMORY;
-                            let message = e.to_string();
-                            let am_id = service.am_id();
-                            if let Err(e) = worker.reply_error(ep, am_id, reply_to, code, &message)
-                            {
-                                tracing::debug!(error = %e, "a reply to a peer that left");
-                            }
+                    Body::Buf(b) => Payload::Buf(b),
+                    Body::Gather(bufs) => Payload::Gather(bufs),
+                };
+                match worker.rpc_call(ep, service.am_id(), &header, payload, timeout) {
+                    Ok(id) => {
+                        self.calls.insert((ep, id), answer);
+                    }
+                    Err(e) => {
+                        // A connection that is gone or broken goes; one
+                        // that could not take this message stays.
+                        if !matches!(
+                            e,
+                            SendError::NoMemory(_)
+                                | SendError::TooLarge { .. }
+                                | SendError::TooManyRpcs(_)
+                        ) {
+                            self.peers.remove(&addr);
+                            worker.close(ep, "a send to it failed");
                         }
-                        Err(e) => tracing::debug!(error = %e, "a reply to a peer that left"),
-                    }
-                }
-                Cmd::ReplyError {
-                    ep,
-                    service,
-                    reply_to,
-                    message,
-                } => {
-                    let code = quiver_fabric::rpc::BAD_REQUEST;
-                    if let Err(e) =
-                        worker.reply_error(ep, service.am_id(), reply_to, code, &message)
-                    {
-                        tracing::debug!(error = %e, "a reply to a peer that left");
+                        let _ = answer.send(Err(CallError::Unreachable {
+                            addr,
+                            why: e.to_string(),
+                        }));
                     }
                 }
             }
+            Cmd::Transport { addr, answer } => {
+                let t = self
+                    .peers
+                    .get(&addr)
+                    .and_then(|&ep| worker.endpoint_transport(ep));
+                let _ = answer.send(t);
+            }
+            Cmd::Reply {
+                ep,
+                service,
+                reply_to,
+                header,
+                body,
+            } => {
+                let payload = Payload::Bytes(&body);
+                match worker.reply(ep, service.am_id(), reply_to, &header, payload) {
+                    Ok(()) => {}
+                    // Tell the caller now rather than let it time out.
+                    Err(e @ SendError::NoMemory(_)) => {
+                        let code = quiver_fabric::rpc::NO_MEMORY;
+                        let message = e.to_string();
+                        let am_id = service.am_id();
+                        if let Err(e) = worker.reply_error(ep, am_id, reply_to, code, &message) {
+                            tracing::debug!(error = %e, "a reply to a peer that left");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "a reply to a peer that left"),
+                }
+            }
+            Cmd::ReplyError {
+                ep,
+                service,
+                reply_to,
+                message,
+            } => {
+                let code = quiver_fabric::rpc::BAD_REQUEST;
+                if let Err(e) = worker.reply_error(ep, service.am_id(), reply_to, code, &message) {
+                    tracing::debug!(error = %e, "a reply to a peer that left");
+                }
+            }
         }
-        worker.progress_until(None, |w| {
-            w.has_completions() || kick.load(Ordering::Acquire) || stop.load(Ordering::Acquire)
-        });
+    }
+
+    /// Resolves answered calls and forgets closed endpoints; returns how
+    /// many completions there were.
+    fn resolve(&mut self, worker: &mut Worker) -> usize {
+        let mut count = 0;
         while let Some(c) = worker.poll_completion() {
+            count += 1;
             match c {
                 Completion::Rpc { ep, id, result } => {
-                    if let Some(answer) = calls.remove(&(ep, id)) {
+                    if let Some(answer) = self.calls.remove(&(ep, id)) {
                         let _ = answer.send(result.map_err(CallError::Rpc));
                     }
                 }
                 Completion::Closed { ep, reason } => {
                     tracing::debug!(?reason, "a Raft peer connection closed");
-                    peers.retain(|_, e| *e != ep);
+                    self.peers.retain(|_, e| *e != ep);
                 }
                 Completion::Send { .. } | Completion::Established { .. } => {}
             }
         }
+        count
     }
+}
+
+/// The fabric task: carries out commands, progresses the worker, resolves
+/// answered calls, and when nothing is left waits on the worker's poll
+/// descriptor (so an idle node costs nothing), a command, or the worker's
+/// next deadline. After each round that did work it yields, so the tasks
+/// its messages woke run before it polls again.
+async fn serve(
+    mut worker: Worker,
+    mut cmds: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+    stop: Arc<Stop>,
+) {
+    let registered = worker.poll_fd().and_then(|fd| {
+        // SAFETY: the AsyncFd owns the descriptor, so it stays open and the
+        // same for the AsyncFd's whole life.
+        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)
+    });
+    let fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "the fabric's poll descriptor cannot join the runtime");
+            return;
+        }
+    };
+    let mut serving = Serving::default();
+    while !stop.is_set() {
+        let mut work = 0;
+        while let Ok(cmd) = cmds.try_recv() {
+            serving.carry_out(&mut worker, cmd);
+            work += 1;
+        }
+        work += worker.progress();
+        work += serving.resolve(&mut worker);
+        if work > 0 {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let timeout = match worker.prepare_sleep() {
+            Sleep::NotYet => {
+                serving.resolve(&mut worker);
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Sleep::For(timeout) => timeout,
+        };
+        let deadline = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stop.notify.notified() => {}
+            cmd = cmds.recv() => match cmd {
+                Some(cmd) => serving.carry_out(&mut worker, cmd),
+                // Impossible while the node lives: it holds a sender.
+                None => break,
+            },
+            ready = fd.readable() => match ready {
+                // Cleared before the next round takes the events: one that
+                // comes after this sets it again.
+                Ok(mut guard) => guard.clear_ready(),
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting on the fabric's poll descriptor failed");
+                    break;
+                }
+            },
+            _ = deadline => {}
+        }
+    }
+    // Closing the connections: the worker goes with this task.
+    drop(fd);
 }
 
 /// Serves incoming Raft RPCs with the node's `groups` until the fabric node

@@ -194,7 +194,7 @@ pub struct AppliedMark {
 
 impl AppliedMark {
     pub fn applied(&self, index: u64) {
-        self.engine.release(self.group, index);
+        self.engine.applied(self.group, index);
     }
 }
 

@@ -159,7 +159,7 @@ async fn three_nodes_elect_replicate_and_survive_losing_the_leader() {
     // The leader goes away: its fabric closes (peers see the connections
     // end) and its Raft stops.
     let old = by_id(first);
-    old.fabric.shutdown();
+    old.fabric.shutdown().await;
     old.raft.shutdown().await.unwrap();
     old.server.abort();
     let stopped = Instant::now();
@@ -308,7 +308,7 @@ async fn a_leader_replicates_while_it_flushes_and_applies_only_once_durable() {
 async fn the_followers_go_on_when_a_leader_stops_before_its_flush() {
     let held = hold_the_leaders_log_writer().await;
     let old = held.nodes.iter().find(|n| n.id == held.leader_id).unwrap();
-    old.fabric.shutdown();
+    old.fabric.shutdown().await;
     old.raft.shutdown().await.unwrap();
     old.server.abort();
     let rest: Vec<&Node> = held

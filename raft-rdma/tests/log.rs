@@ -486,6 +486,44 @@ fn applied_entries_leave_memory_and_read_back_from_their_segments() {
 }
 
 #[test]
+fn applied_entries_keep_the_newest_few_in_memory_within_their_cap() {
+    use quiver_raft::log::{KEPT_APPLIED_BYTES, KEPT_APPLIED_ENTRIES};
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    let bytes = |from, to| -> u64 {
+        entries(1, from, to)
+            .iter()
+            .map(|e| e.data.len() as u64)
+            .sum()
+    };
+    // From index 0 (openraft's first entry), fewer than the kept number.
+    append(&log, 1, 0, 10);
+    log.applied(1, 9);
+    // (Index 0 counts as released from the start, as before.)
+    assert_eq!(log.held_bytes(1), bytes(1, 10), "all are the newest");
+    // Small entries: the newest KEPT_APPLIED_ENTRIES stay.
+    append(&log, 1, 10, 200);
+    log.applied(1, 150);
+    let kept_from = 151 - KEPT_APPLIED_ENTRIES;
+    assert_eq!(log.held_bytes(1), bytes(kept_from, 200));
+    check(&log, 1, 0, 200);
+    // Large entries: only as many as fit in KEPT_APPLIED_BYTES.
+    let big = (KEPT_APPLIED_BYTES / 4) as usize;
+    let large: Vec<Entry> = (200..210)
+        .map(|i| Entry {
+            id: id(i),
+            tag: 1,
+            data: vec![i as u8; big].into(),
+        })
+        .collect();
+    wait_durable(|done| log.append(1, large, done)).unwrap();
+    log.applied(1, 209);
+    // Each payload is the data and a tag byte: three fit, not four.
+    assert_eq!(log.held_bytes(1), 3 * big as u64);
+    assert_eq!(log.entries(1, 199, 210).unwrap().len(), 11);
+}
+
+#[test]
 fn a_released_entrys_fabric_buffer_goes_back_to_the_fabric() {
     use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
     let arena = Arena::new(&ArenaConfig {

@@ -44,6 +44,15 @@ use crate::data::Data;
 pub use record::{LogId, Vote};
 use record::{Next, Record, PAGE_BYTES};
 
+/// A group's newest applied entries keep their data in memory, this many at
+/// most: a follower whose answers come a round late (at queue depth 1, the
+/// slower of two while the faster makes the quorum) is sent each entry after
+/// it was applied, and reading it back from disk put a blocking thread's
+/// wake-up and a read on every such send.
+pub const KEPT_APPLIED_ENTRIES: u64 = 32;
+/// ...and at most these many bytes of them.
+pub const KEPT_APPLIED_BYTES: u64 = 1 << 20;
+
 /// Retired segment files kept for reuse; more are deleted.
 pub const FREE_SEGMENTS_MAX: usize = 2;
 
@@ -228,6 +237,23 @@ impl Group {
         self.maybe_drop_data(id.index);
     }
 
+    /// Where to release up to once `applied` is applied: all but the newest
+    /// [`KEPT_APPLIED_ENTRIES`] entries, fewer when they hold more than
+    /// [`KEPT_APPLIED_BYTES`].
+    /// `None`: release nothing yet.
+    fn release_point(&self, applied: u64) -> Option<u64> {
+        let from = applied.saturating_sub(KEPT_APPLIED_ENTRIES - 1);
+        let (mut kept_from, mut bytes) = (applied.saturating_add(1), 0);
+        for e in self.range(from, applied.saturating_add(1)).rev() {
+            bytes += e.payload_len();
+            if bytes > KEPT_APPLIED_BYTES {
+                break;
+            }
+            kept_from = e.id.index;
+        }
+        kept_from.checked_sub(1)
+    }
+
     fn release(&mut self, upto: u64) {
         let Some(first) = self.entries.front().map(|e| e.id.index) else {
             self.released = self.released.max(upto);
@@ -235,7 +261,8 @@ impl Group {
         };
         let from = (self.released + 1).max(first);
         self.released = self.released.max(upto);
-        for index in from..=upto {
+        let last = self.entries.back().map_or(0, |e| e.id.index);
+        for index in from..=upto.min(last) {
             self.maybe_drop_data(index);
         }
     }
@@ -674,6 +701,16 @@ impl LogEngine {
     /// or not yet written).
     pub fn held_bytes(&self, group: u64) -> u64 {
         self.lock().groups.get(&group).map_or(0, |g| g.held_bytes)
+    }
+
+    /// `group`'s entries up to `index` are applied: their data leave memory
+    /// once written, except the newest few (see [`KEPT_APPLIED_ENTRIES`]).
+    pub fn applied(&self, group: u64, index: u64) {
+        if let Some(g) = self.lock().groups.get_mut(&group) {
+            if let Some(upto) = g.release_point(index) {
+                g.release(upto);
+            }
+        }
     }
 
     /// The Raft layer is done with `group`'s entries up to `upto` (applied):
