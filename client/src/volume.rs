@@ -110,7 +110,7 @@ pub struct ClusterOptions {
     pub io_deadline: Duration,
     /// Who we are, as a volume's write lease names us.
     pub client_name: String,
-    /// How long the fabric thread polls after work before it sleeps. 0 by
+    /// How long the fabric worker polls after work before it sleeps. 0 by
     /// default, as for chunkservers: on a machine with fewer cores than
     /// busy threads a spin costs more than it buys; give it cores first.
     pub spin: Duration,

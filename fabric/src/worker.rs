@@ -726,11 +726,12 @@ impl Worker {
     }
 
     /// For a caller that waits on [`Worker::poll_fd`] itself: does what the
-    /// worker does before it sleeps (arms the completion queue, then one full
-    /// round that also takes every pending epoll event, so none is left
-    /// behind that would not wake the caller again) and says whether to wait
-    /// and for how long (the earliest RPC deadline or memory retry). While
-    /// the spin since the last work lasts, the answer is not yet.
+    /// worker does before it sleeps and says whether to wait and for how
+    /// long (the earliest RPC deadline or memory retry). While the spin since
+    /// the last work lasts, the answer is not yet; after it, one full round
+    /// that takes every pending epoll event (one left behind would not wake
+    /// the caller again), then the completion queue is armed and polled once
+    /// more.
     pub fn prepare_sleep(&mut self) -> Sleep {
         let now = Instant::now();
         if now.duration_since(self.last_work) < self.spin {
@@ -739,15 +740,24 @@ impl Worker {
         }
         // The round first: it clears `memory_blocked`, which a failed arming sets.
         let mut work = self.progress_once(Some(Duration::ZERO), now, false);
+        // A full event list may have left events behind: take them first.
+        let events_left = self.events.iter().count() >= POLL_EVENTS_MAX;
         work += self.arm_verbs(now);
-        if work > 0 {
-            let woke = Instant::now();
-            self.adapt_spin(woke.duration_since(self.last_work));
-            self.last_work = woke;
+        if work > 0 || events_left {
+            self.last_work = now;
             return Sleep::NotYet;
         }
         self.stats.sleeps += 1;
         Sleep::For(self.sleep_timeout(now, None))
+    }
+
+    /// For the same caller: its wait on [`Worker::poll_fd`] ended with an
+    /// event. The spin adapts to the gap since the last work, as after the
+    /// worker's own sleep (see `adapt_spin`).
+    pub fn woke(&mut self) {
+        let now = Instant::now();
+        self.adapt_spin(now.duration_since(self.last_work));
+        self.last_work = now;
     }
 
     /// Progresses until `done` says so or `deadline` passes, spinning while

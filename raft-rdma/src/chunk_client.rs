@@ -88,7 +88,8 @@ pub struct ChunkClient {
 }
 
 impl ChunkClient {
-    /// Starts a client (its fabric worker on a thread). Call inside a runtime.
+    /// Starts a client (its fabric worker a task of the runtime). Call inside
+    /// a runtime.
     pub fn start(config: WorkerConfig) -> anyhow::Result<ChunkClient> {
         // Nothing calls a client; its inbound side stays empty.
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

@@ -21,10 +21,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::io::unix::AsyncFd;
 
 use openraft::error::{
@@ -244,14 +246,24 @@ pub struct FabricNode {
     pub addr: SocketAddr,
     link: Link,
     stop: Arc<Stop>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Tells the fabric task to end.
-#[derive(Default)]
+/// Tells the fabric task to end, and others that it has.
 struct Stop {
     set: AtomicBool,
     notify: tokio::sync::Notify,
+    /// True once the task has dropped the worker.
+    ended: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Stop {
+    fn default() -> Stop {
+        Stop {
+            set: AtomicBool::new(false),
+            notify: tokio::sync::Notify::new(),
+            ended: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl Stop {
@@ -348,14 +360,22 @@ impl FabricNode {
                 }),
             );
         }
+        let fd = worker.poll_fd()?;
+        let _entered = runtime.enter();
+        // SAFETY: the AsyncFd owns the descriptor, so it stays open and the
+        // same for the AsyncFd's whole life.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)
+            .context("waiting on the fabric worker from the runtime")?;
         let stop = Arc::new(Stop::default());
-        let task = runtime.spawn(serve(worker, rx, Arc::clone(&stop)));
-        Ok(FabricNode {
-            addr,
-            link,
-            stop,
-            task: std::sync::Mutex::new(Some(task)),
-        })
+        let ended = Ended(Arc::clone(&stop));
+        let task_stop = Arc::clone(&stop);
+        runtime.spawn(async move {
+            // Dropped after the `serve` future, and so after the worker.
+            let _ended = ended;
+            serve(worker, fd, rx, task_stop).await;
+        });
+        Ok(FabricNode { addr, link, stop })
     }
 
     /// Calls `kind` of `service` for `group` on the node at `addr` and waits
@@ -417,16 +437,16 @@ impl FabricNode {
     /// and its listener gone when this returns; calls fail from then on.
     pub async fn shutdown(&self) {
         self.stop.set();
-        let task = self.task.lock().expect("fabric node lock").take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
+        let mut ended = self.stop.ended.subscribe();
+        // An error: the task was dropped with its runtime, worker and all.
+        let _ = ended.wait_for(|&ended| ended).await;
     }
 }
 
 impl Drop for FabricNode {
     fn drop(&mut self) {
-        // The task ends at its next turn and closes the connections.
+        // The task ends at its next turn and closes the connections (await
+        // `shutdown` to know they are closed).
         self.stop.set();
     }
 }
@@ -571,22 +591,10 @@ impl Serving {
 /// its messages woke run before it polls again.
 async fn serve(
     mut worker: Worker,
+    fd: AsyncFd<OwnedFd>,
     mut cmds: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
     stop: Arc<Stop>,
 ) {
-    let registered = worker.poll_fd().and_then(|fd| {
-        // SAFETY: the AsyncFd owns the descriptor, so it stays open and the
-        // same for the AsyncFd's whole life.
-        unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-            .map_err(std::io::Error::from)
-    });
-    let fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::error!(error = %e, "the fabric's poll descriptor cannot join the runtime");
-            return;
-        }
-    };
     let mut serving = Serving::default();
     while !stop.is_set() {
         let mut work = 0;
@@ -597,13 +605,13 @@ async fn serve(
         work += worker.progress();
         work += serving.resolve(&mut worker);
         if work > 0 {
-            tokio::task::yield_now().await;
+            yield_to_others().await;
             continue;
         }
         let timeout = match worker.prepare_sleep() {
             Sleep::NotYet => {
                 serving.resolve(&mut worker);
-                tokio::task::yield_now().await;
+                yield_to_others().await;
                 continue;
             }
             Sleep::For(timeout) => timeout,
@@ -618,14 +626,20 @@ async fn serve(
             biased;
             _ = stop.notify.notified() => {}
             cmd = cmds.recv() => match cmd {
-                Some(cmd) => serving.carry_out(&mut worker, cmd),
+                Some(cmd) => {
+                    worker.woke();
+                    serving.carry_out(&mut worker, cmd);
+                }
                 // Impossible while the node lives: it holds a sender.
                 None => break,
             },
             ready = fd.readable() => match ready {
                 // Cleared before the next round takes the events: one that
                 // comes after this sets it again.
-                Ok(mut guard) => guard.clear_ready(),
+                Ok(mut guard) => {
+                    guard.clear_ready();
+                    worker.woke();
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "waiting on the fabric's poll descriptor failed");
                     break;
@@ -634,8 +648,37 @@ async fn serve(
             _ = deadline => {}
         }
     }
-    // Closing the connections: the worker goes with this task.
-    drop(fd);
+    // The worker goes with this task, closing the connections.
+}
+
+/// Says the fabric task has ended once it is dropped: after `serve`
+/// returned or its runtime dropped it, the worker with it. Calls fail from
+/// then on, and the node says it is shut down.
+struct Ended(Arc<Stop>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.set();
+        self.0.ended.send_replace(true);
+    }
+}
+
+/// Lets the runtime run its other tasks, then goes on. The task wakes
+/// itself, which queues it where any worker of the runtime can take it;
+/// tokio's `yield_now` leaves the wake with this worker until it parks, so a
+/// task that then blocked this worker (a synchronous chunk store call)
+/// would hold up every connection of the node while the other worker idled.
+async fn yield_to_others() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Serves incoming Raft RPCs with the node's `groups` until the fabric node

@@ -524,6 +524,34 @@ fn applied_entries_keep_the_newest_few_in_memory_within_their_cap() {
 }
 
 #[test]
+fn a_kept_applied_entry_gives_its_fabric_buffer_back() {
+    use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+    let arena = Arena::new(&ArenaConfig {
+        classes: vec![SizeClass {
+            buf_bytes: 4096,
+            count: 1,
+        }],
+        huge_pages: false,
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogEngine::open(small(dir.path())).unwrap();
+    let mut buf = arena.alloc(3000).unwrap();
+    buf.fill(9);
+    let entry = Entry {
+        id: id(1),
+        tag: 1,
+        data: Data::from(buf.freeze()),
+    };
+    wait_durable(|done| log.append(1, vec![entry], done)).unwrap();
+    assert!(arena.alloc(100).is_err(), "the log holds the only buffer");
+    log.applied(1, 1);
+    assert!(arena.alloc(100).is_ok(), "a kept entry is a copy");
+    let kept = log.entries_in_memory(1, 1, 2).expect("kept in memory");
+    assert_eq!(&kept[0].data[..], &[9u8; 3000][..]);
+}
+
+#[test]
 fn a_released_entrys_fabric_buffer_goes_back_to_the_fabric() {
     use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
     let arena = Arena::new(&ArenaConfig {

@@ -9,8 +9,9 @@
 //! back to replicate them before they are durable); their durability is
 //! reported through the callback. An entry's data stay in memory as given
 //! (a fabric buffer, on the write path) until the Raft layer has applied it
-//! ([`LogEngine::release`]) and it is written; then only where its record
-//! lies is kept, and a read takes it from disk.
+//! ([`LogEngine::applied`]: but for the newest few, kept as a copy) and it is
+//! written; then only where its record lies is kept, and a read takes it
+//! from disk.
 //!
 //! Recovery reads the segments in order and replays them; it stops at the
 //! first record that fails its checksum in the last segment (a torn batch:
@@ -50,8 +51,8 @@ use record::{Next, Record, PAGE_BYTES};
 /// it was applied, and reading it back from disk put a blocking thread's
 /// wake-up and a read on every such send.
 pub const KEPT_APPLIED_ENTRIES: u64 = 32;
-/// ...and at most these many bytes of them.
-pub const KEPT_APPLIED_BYTES: u64 = 1 << 20;
+/// ...and at most these many bytes of them (a copy of each, on the heap).
+pub const KEPT_APPLIED_BYTES: u64 = 256 << 10;
 
 /// Retired segment files kept for reuse; more are deleted.
 pub const FREE_SEGMENTS_MAX: usize = 2;
@@ -165,7 +166,7 @@ struct At {
 }
 
 /// An entry as the log keeps it: its data in memory until the Raft layer
-/// is done with them ([`LogEngine::release`]) and they are written; from
+/// is done with them ([`LogEngine::applied`]) and they are written; from
 /// then on only where to read them.
 struct Stored {
     id: LogId,
@@ -252,6 +253,19 @@ impl Group {
             kept_from = e.id.index;
         }
         kept_from.checked_sub(1)
+    }
+
+    /// Copies the data of the entries in `[from, to)` that are held in
+    /// fabric buffers to the heap, so the buffers go back to the fabric.
+    fn unpin(&mut self, from: u64, to: u64) {
+        let first = self.entries.front().map_or(0, |e| e.id.index);
+        let start = from.saturating_sub(first) as usize;
+        let end = to.saturating_sub(first).min(self.entries.len() as u64) as usize;
+        for e in self.entries.range_mut(start.min(end)..end) {
+            if let Some(data @ Data::Fabric(_)) = &mut e.data {
+                *data = Data::from(&data[..]);
+            }
+        }
     }
 
     fn release(&mut self, upto: u64) {
@@ -705,11 +719,18 @@ impl LogEngine {
 
     /// `group`'s entries up to `index` are applied: their data leave memory
     /// once written, except the newest few (see [`KEPT_APPLIED_ENTRIES`]).
+    ///
+    /// Those kept are copied out of fabric buffers: a follower may never ask
+    /// for them (an idle copyset keeps its last ones until a snapshot), and
+    /// a fabric buffer held for it is not returned (an eager body's is its
+    /// connection's whole receive buffer).
     pub fn applied(&self, group: u64, index: u64) {
         if let Some(g) = self.lock().groups.get_mut(&group) {
-            if let Some(upto) = g.release_point(index) {
+            let upto = g.release_point(index);
+            if let Some(upto) = upto {
                 g.release(upto);
             }
+            g.unpin(upto.map_or(0, |u| u + 1), index.saturating_add(1));
         }
     }
 
