@@ -290,11 +290,14 @@ impl ChunkMachine {
         self.0.state.lock().expect("machine lock")
     }
 
-    /// Writes the state file: into a temporary file, synced, renamed over.
-    /// Callers hold `snapshotting`.
-    fn persist(&self, state: &State) -> Result<(), Error> {
+    /// Writes the state file: into a temporary file, synced, renamed over
+    /// (on a blocking thread: two syncs). Callers hold `snapshotting`.
+    async fn persist(&self, state: &State) -> Result<(), Error> {
         let bytes = serde_json::to_vec(state).expect("the state serializes");
-        write_atomically(&self.0.dir, STATE_FILE, &bytes)
+        let dir = self.0.dir.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&dir, STATE_FILE, &bytes))
+            .await
+            .map_err(|e| storage_error("saving the copyset state", e))?
             .map_err(|e| storage_error("saving the copyset state", e))
     }
 
@@ -498,21 +501,27 @@ impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
         // Everything applied up to `last_applied` (and maybe more) is made
         // durable before the log that holds it may go; a write that failed
         // on the way fails the snapshot (and the log stays).
-        let chunks = {
-            let disk = &self.0.disk;
+        // On a blocking thread: the syncs take milliseconds, and the runtime
+        // carries the node's fabric and every other copyset.
+        let (disk, copyset) = (Arc::clone(&self.0.disk), self.0.copyset);
+        let chunks = tokio::task::spawn_blocking(move || {
             let mut store = disk.store();
             store
                 .sync_dirty()
                 .map_err(|e| storage_error("syncing chunks", e))?;
             disk.reap(&mut store, None)
                 .map_err(|e| storage_error("an applied write failed", e))?;
-            store
-                .list()
-                .into_iter()
-                .filter(|k| k.copyset == self.0.copyset)
-                .map(|k| (k.chunk, store.stat(k).map(|s| s.sn).unwrap_or(0)))
-                .collect()
-        };
+            Ok::<_, Error>(
+                store
+                    .list()
+                    .into_iter()
+                    .filter(|k| k.copyset == copyset)
+                    .map(|k| (k.chunk, store.stat(k).map(|s| s.sn).unwrap_or(0)))
+                    .collect(),
+            )
+        })
+        .await
+        .map_err(|e| storage_error("syncing chunks", e))??;
         let data = serde_json::to_vec(&SnapshotData {
             source: self.0.self_addr.clone(),
             chunks,
@@ -541,7 +550,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
                 snapshot: Some(stored.clone()),
                 epochs,
             };
-            self.persist(&to_save)?;
+            self.persist(&to_save).await?;
             self.state().snapshot = Some(stored);
         }
         tracing::debug!(copyset = self.0.copyset, index = ?last_applied.map(|l| l.index), "snapshot built");
@@ -679,10 +688,10 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
         for (&chunk, &sn) in &wanted {
             self.fetch_chunk(source, chunk, sn).await?;
         }
-        self.0
-            .disk
-            .store()
-            .sync_dirty()
+        let disk = Arc::clone(&self.0.disk);
+        tokio::task::spawn_blocking(move || disk.store().sync_dirty())
+            .await
+            .map_err(|e| storage_error("syncing fetched chunks", e))?
             .map_err(|e| storage_error("syncing fetched chunks", e))?;
         // Recorded as ours, with us as its source: sent on from here later,
         // it must not send its receiver back to a server that may be gone
@@ -703,7 +712,7 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
             snapshot: Some(stored),
             epochs: parsed.epochs,
         };
-        self.persist(&state)?;
+        self.persist(&state).await?;
         *self.state() = state;
         Ok(())
     }
