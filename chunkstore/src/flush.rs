@@ -124,6 +124,20 @@ impl DeviceFlush {
     }
 
     /// Flushes the device cache: every write completed before it is durable.
+    /// The same flush through a duplicate of the anchor's descriptor, for
+    /// use without the store.
+    pub fn try_clone(&self) -> Result<DeviceFlush, StoreError> {
+        Ok(DeviceFlush {
+            anchor: self
+                .anchor
+                .try_clone()
+                .map_err(|e| StoreError::io("dup", &self.path, &e))?,
+            path: self.path.clone(),
+            dev: self.dev,
+            filesystem: self.filesystem,
+        })
+    }
+
     pub fn flush(&self) -> Result<(), StoreError> {
         self.anchor
             .sync_data()

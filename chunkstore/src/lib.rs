@@ -19,7 +19,7 @@ pub mod uring;
 
 pub use error::{IoErrno, StoreError};
 pub use format::{CloneSource, CHUNK_BYTES, PAGE_BYTES};
-pub use store::{ChunkStat, ChunkStore, Done, StoreConfig};
+pub use store::{ChunkStat, ChunkStore, Done, OwedSync, StoreConfig};
 
 /// Names a chunk: the copyset it belongs to and its id there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

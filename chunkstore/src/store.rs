@@ -238,6 +238,37 @@ pub struct ChunkStore {
     ring: Ring,
 }
 
+/// Syncs owed for chunks whose writes are drained and checksum tables
+/// written (see [`ChunkStore::begin_sync`]).
+pub struct OwedSync {
+    keys: Vec<ChunkKey>,
+    /// Of them, those the store still holds.
+    synced: usize,
+    /// Files synced one by one (no device flush for them).
+    files: Vec<(File, PathBuf)>,
+    device_flush: Option<DeviceFlush>,
+}
+
+impl OwedSync {
+    /// Makes the chunks durable; returns how many. On an error, hand the
+    /// keys back to [`ChunkStore::still_dirty`].
+    pub fn complete(&self) -> Result<usize, StoreError> {
+        for (file, path) in &self.files {
+            file.sync_data()
+                .map_err(|e| StoreError::io("fdatasync", path, &e))?;
+        }
+        if let Some(flush) = &self.device_flush {
+            flush.flush()?;
+        }
+        Ok(self.synced)
+    }
+
+    /// The chunks it covers.
+    pub fn into_keys(self) -> Vec<ChunkKey> {
+        self.keys
+    }
+}
+
 impl ChunkStore {
     /// Opens (or creates) a store in `config.dir`: checks the kernel, registers
     /// the arena, recovers after a crash, and formats the pool up to size.
@@ -602,17 +633,49 @@ impl ChunkStore {
     /// (A replicated store writes without sync, its log being durable, and
     /// calls this before it may forget that log.)
     pub fn sync_dirty(&mut self) -> Result<usize, StoreError> {
-        let dirty: Vec<ChunkKey> = self.dirty.drain().collect();
-        let result = self.sync_chunks(&dirty);
-        if result.is_err() {
-            // Still dirty: a later call must sync them again.
-            self.dirty.extend(dirty);
+        let owed = self.begin_sync()?;
+        match owed.complete() {
+            Ok(synced) => Ok(synced),
+            Err(e) => {
+                self.still_dirty(owed.into_keys());
+                Err(e)
+            }
         }
-        result
     }
 
-    fn sync_chunks(&mut self, dirty: &[ChunkKey]) -> Result<usize, StoreError> {
-        let mut synced = 0;
+    /// The first half of [`ChunkStore::sync_dirty`]: drains the dirty
+    /// chunks' writes and writes their checksum tables, and returns the
+    /// syncs still owed, to be done without holding the store
+    /// ([`OwedSync::complete`]): an fdatasync or a device flush takes
+    /// milliseconds its other users need not wait for. A chunk written
+    /// meanwhile is dirty again and goes with the next sync.
+    pub fn begin_sync(&mut self) -> Result<OwedSync, StoreError> {
+        let dirty: Vec<ChunkKey> = self.dirty.drain().collect();
+        let mut owed = OwedSync {
+            keys: Vec::new(),
+            synced: 0,
+            files: Vec::new(),
+            device_flush: None,
+        };
+        if let Err(e) = self.drain_for_sync(&dirty, &mut owed) {
+            // Still dirty: a later call must sync them again.
+            self.dirty.extend(dirty);
+            return Err(e);
+        }
+        owed.keys = dirty;
+        Ok(owed)
+    }
+
+    /// Marks `keys` dirty again (their owed sync failed).
+    pub fn still_dirty(&mut self, keys: Vec<ChunkKey>) {
+        self.dirty.extend(keys);
+    }
+
+    fn drain_for_sync(
+        &mut self,
+        dirty: &[ChunkKey],
+        owed: &mut OwedSync,
+    ) -> Result<(), StoreError> {
         let mut device_flush_needed = false;
         for &key in dirty {
             self.drain_chunk(key)?;
@@ -625,20 +688,22 @@ impl ChunkStore {
                 Self::write_crc_table(file)?;
                 file.crc_unwritten = 0;
             }
-            synced += 1;
+            owed.synced += 1;
             // Set only where the store has a device flush.
             if file.flushed_by_device {
                 device_flush_needed = true;
                 continue;
             }
-            file.file
-                .sync_data()
-                .map_err(|e| StoreError::io("fdatasync", &file.path, &e))?;
+            let dup = file
+                .file
+                .try_clone()
+                .map_err(|e| StoreError::io("dup", &file.path, &e))?;
+            owed.files.push((dup, file.path.clone()));
         }
         if let Some((flush, _)) = self.device_flush.as_ref().filter(|_| device_flush_needed) {
-            flush.flush()?;
+            owed.device_flush = Some(flush.try_clone()?);
         }
-        Ok(synced)
+        Ok(())
     }
 
     /// Every chunk the store holds.
@@ -884,7 +949,7 @@ impl ChunkStore {
                 let crc_bits = (u64::MAX >> (63 - (last - first))) << first;
                 if !*sync {
                     // One IO, not two: the checksum pages wait for the next
-                    // sync of the chunk (`sync_chunks`).
+                    // sync of the chunk (`begin_sync`).
                     file.crc_unwritten |= crc_bits;
                     op.pending = 1;
                     return self

@@ -180,6 +180,34 @@ fn checksums_of_writes_without_sync_reach_the_disk_at_the_next_sync() {
     }
 }
 
+/// The sync in two halves: the store is free while the owed syncs run, a
+/// write meanwhile stays dirty for the next sync, and a failed sync's
+/// chunks are dirty again.
+#[test]
+fn a_sync_owed_outside_the_store_keeps_later_writes_dirty() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), 2);
+    store.create(key(1), 1).unwrap();
+    store.create(key(2), 1).unwrap();
+    store.write(key(1), 1, 0, &page(1), false).unwrap();
+    let owed = store.begin_sync().unwrap();
+    // The store serves while the sync is owed.
+    store.write(key(2), 1, 0, &page(2), false).unwrap();
+    assert_eq!(owed.complete().unwrap(), 1);
+    // Only the chunk written meanwhile is left.
+    assert_eq!(store.sync_dirty().unwrap(), 1);
+    assert_eq!(store.sync_dirty().unwrap(), 0);
+    // A failed sync hands its chunks back.
+    store.write(key(1), 1, 0, &page(3), false).unwrap();
+    let owed = store.begin_sync().unwrap();
+    store.still_dirty(owed.into_keys());
+    assert_eq!(store.sync_dirty().unwrap(), 1);
+    drop(store);
+    let mut store = open(dir.path(), 2);
+    assert_eq!(store.read(key(1), 0, PAGE_BYTES).unwrap()[..], page(3)[..]);
+    assert_eq!(store.read(key(2), 0, PAGE_BYTES).unwrap()[..], page(2)[..]);
+}
+
 #[test]
 fn a_flipped_byte_is_a_corrupt_page_error() {
     let dir = tempfile::tempdir().unwrap();

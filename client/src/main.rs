@@ -426,8 +426,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// between them is a task switch, not a thread's wake-up. With two workers,
 /// each hand-off woke the other worker to steal the task: a traced write
 /// bounced between them four times on the leader alone, about 30 µs each
-/// on this machine's two vCPUs. What blocks (chunk syncs, disk reads of
-/// the log) runs on the blocking pool.
+/// on this machine's two vCPUs. What blocks for long (snapshot syncs, log
+/// reads from disk) runs on the blocking pool; what still blocks the thread
+/// is listed in ARCHITECTURE.md (raft-rdma: threads).
 fn raft_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1001,20 +1001,29 @@ impl Chunkserver {
         // A copyset hosted here before and removed: this life's log must
         // not meet that one's entries or votes.
         let removed = self.removed_dir(id);
-        let incarnation = std::fs::read_to_string(removed.join(INCARNATION_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .map_or(0, |n| n + 1);
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| {
-                write_atomically(&dir, INCARNATION_FILE, incarnation.to_string().as_bytes())
-            })
-            .and_then(|()| write_atomically(&dir, "spec.json", &bytes))
-            .and_then(|()| match std::fs::remove_dir_all(&removed) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            })
-            .map_err(|e| ChunkError::Storage(format!("{}: {e}", dir.display())))?;
+        // On a blocking thread: four syncs, and the runtime carries the
+        // fabric and every other copyset.
+        let (dir_, storage_dir) = (dir.clone(), dir.display().to_string());
+        tokio::task::spawn_blocking(move || {
+            let dir = dir_;
+            let incarnation = std::fs::read_to_string(removed.join(INCARNATION_FILE))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map_or(0, |n| n + 1);
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| {
+                    write_atomically(&dir, INCARNATION_FILE, incarnation.to_string().as_bytes())
+                })
+                .and_then(|()| write_atomically(&dir, "spec.json", &bytes))
+                .and_then(|()| match std::fs::remove_dir_all(&removed) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                })
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| ChunkError::Storage(format!("{storage_dir}: {e}")))?;
         self.open_copyset(id, spec)
             .await
             .map_err(|e| ChunkError::Raft(format!("{e:#}")))
@@ -1050,7 +1059,8 @@ impl Chunkserver {
         }
         let group = log_group(id, self.incarnation(id));
         if let Some(last) = self.0.engine.state(group).last {
-            crate::log::wait_durable(|done| self.0.engine.purge(group, last, done))
+            crate::store::durable(|done| self.0.engine.purge(group, last, done))
+                .await
                 .map_err(|e| storage("purging its log", &e))?;
         }
         let removed = self.removed_dir(id);

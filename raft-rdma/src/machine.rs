@@ -505,20 +505,30 @@ impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
         // carries the node's fabric and every other copyset.
         let (disk, copyset) = (Arc::clone(&self.0.disk), self.0.copyset);
         let chunks = tokio::task::spawn_blocking(move || {
-            let mut store = disk.store();
-            store
-                .sync_dirty()
-                .map_err(|e| storage_error("syncing chunks", e))?;
-            disk.reap(&mut store, None)
-                .map_err(|e| storage_error("an applied write failed", e))?;
-            Ok::<_, Error>(
-                store
+            // The store only while the writes drain; its other users (the
+            // applies of every copyset) do not wait out the flush.
+            let (owed, chunks) = {
+                let mut store = disk.store();
+                let owed = store
+                    .begin_sync()
+                    .map_err(|e| storage_error("syncing chunks", e))?;
+                if let Err(e) = disk.reap(&mut store, None) {
+                    store.still_dirty(owed.into_keys());
+                    return Err(storage_error("an applied write failed", e));
+                }
+                let chunks: Vec<(u64, u64)> = store
                     .list()
                     .into_iter()
                     .filter(|k| k.copyset == copyset)
                     .map(|k| (k.chunk, store.stat(k).map(|s| s.sn).unwrap_or(0)))
-                    .collect(),
-            )
+                    .collect();
+                (owed, chunks)
+            };
+            if let Err(e) = owed.complete() {
+                disk.store().still_dirty(owed.into_keys());
+                return Err(storage_error("syncing chunks", e));
+            }
+            Ok::<_, Error>(chunks)
         })
         .await
         .map_err(|e| storage_error("syncing chunks", e))??;

@@ -368,13 +368,11 @@ impl FabricNode {
             .map_err(std::io::Error::from)
             .context("waiting on the fabric worker from the runtime")?;
         let stop = Arc::new(Stop::default());
-        let ended = Ended(Arc::clone(&stop));
-        let task_stop = Arc::clone(&stop);
-        runtime.spawn(async move {
-            // Dropped after the `serve` future, and so after the worker.
-            let _ended = ended;
-            serve(worker, fd, rx, task_stop).await;
-        });
+        let worker = TaskWorker {
+            worker: Some(worker),
+            stop: Arc::clone(&stop),
+        };
+        runtime.spawn(serve(worker, fd, rx, Arc::clone(&stop)));
         Ok(FabricNode { addr, link, stop })
     }
 
@@ -438,7 +436,7 @@ impl FabricNode {
     pub async fn shutdown(&self) {
         self.stop.set();
         let mut ended = self.stop.ended.subscribe();
-        // An error: the task was dropped with its runtime, worker and all.
+        // (The sender lives as long as `self`: this ends with the task.)
         let _ = ended.wait_for(|&ended| ended).await;
     }
 }
@@ -590,7 +588,7 @@ impl Serving {
 /// next deadline. After each round that did work it yields, so the tasks
 /// its messages woke run before it polls again.
 async fn serve(
-    mut worker: Worker,
+    mut worker: TaskWorker,
     fd: AsyncFd<OwnedFd>,
     mut cmds: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
     stop: Arc<Stop>,
@@ -651,23 +649,42 @@ async fn serve(
     // The worker goes with this task, closing the connections.
 }
 
-/// Says the fabric task has ended once it is dropped: after `serve`
-/// returned or its runtime dropped it, the worker with it. Calls fail from
-/// then on, and the node says it is shut down.
-struct Ended(Arc<Stop>);
+/// The fabric task's worker. Dropped (`serve` returned, or its runtime
+/// dropped the task, polled or not), it drops the worker first, closing its
+/// connections and listener, and then says the task has ended: calls fail
+/// from then on, and the node says it is shut down.
+struct TaskWorker {
+    worker: Option<Worker>,
+    stop: Arc<Stop>,
+}
 
-impl Drop for Ended {
-    fn drop(&mut self) {
-        self.0.set();
-        self.0.ended.send_replace(true);
+impl std::ops::Deref for TaskWorker {
+    type Target = Worker;
+
+    fn deref(&self) -> &Worker {
+        self.worker.as_ref().expect("a worker until dropped")
     }
 }
 
-/// Lets the runtime run its other tasks, then goes on. The task wakes
-/// itself, which queues it where any worker of the runtime can take it;
-/// tokio's `yield_now` leaves the wake with this worker until it parks, so a
-/// task that then blocked this worker (a synchronous chunk store call)
-/// would hold up every connection of the node while the other worker idled.
+impl std::ops::DerefMut for TaskWorker {
+    fn deref_mut(&mut self) -> &mut Worker {
+        self.worker.as_mut().expect("a worker until dropped")
+    }
+}
+
+impl Drop for TaskWorker {
+    fn drop(&mut self) {
+        drop(self.worker.take());
+        self.stop.set();
+        self.stop.ended.send_replace(true);
+    }
+}
+
+/// Lets the runtime run the tasks this one woke, then goes on: the task
+/// wakes itself, so it is queued behind them. tokio's `yield_now` instead
+/// defers the wake until the worker parks: a zero-timeout turn of the IO
+/// driver per yield, and on a multi-thread runtime a wake held by a worker
+/// that a blocking task may then hold (queued, any worker can take it).
 async fn yield_to_others() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {

@@ -166,7 +166,9 @@ fn write_error(e: LogError) -> Error {
 }
 
 /// Waits for a durable request without blocking the async runtime's thread.
-async fn durable(f: impl FnOnce(log::Durable) -> Result<(), LogError>) -> Result<(), LogError> {
+pub(crate) async fn durable(
+    f: impl FnOnce(log::Durable) -> Result<(), LogError>,
+) -> Result<(), LogError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     f(Box::new(move |r| {
         let _ = tx.send(r);
