@@ -1168,6 +1168,12 @@ impl Chunkserver {
             .values()
             .cloned()
             .collect();
+        // One pass over the store's chunks, not one per copyset: this runs
+        // on the runtime's thread at every heartbeat.
+        let mut chunk_counts: HashMap<u32, usize> = HashMap::new();
+        for key in self.0.disk.store().list() {
+            *chunk_counts.entry(key.copyset).or_default() += 1;
+        }
         let mut out: Vec<CopysetStatus> = copysets
             .iter()
             .map(|c| {
@@ -1182,7 +1188,7 @@ impl Chunkserver {
                     voters: m.membership_config.membership().voter_ids().collect(),
                     learners: m.membership_config.membership().learner_ids().collect(),
                     epoch: m.membership_config.log_id().map_or(0, |l| l.index + 1),
-                    chunks: c.machine.chunks().len(),
+                    chunks: chunk_counts.get(&c.machine.copyset()).copied().unwrap_or(0),
                     log_bytes: self.0.engine.bytes(c.log),
                     log_held_bytes: self.0.engine.held_bytes(c.log),
                 }
