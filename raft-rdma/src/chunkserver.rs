@@ -1047,6 +1047,7 @@ impl Chunkserver {
         if let Err(e) = c.raft.shutdown().await {
             tracing::warn!(copyset = id, error = %e, "stopping Raft");
         }
+        c.machine.retire().await;
         let storage = |what: &str, e: &dyn std::fmt::Display| {
             ChunkError::Storage(format!("removing copyset {id}: {what}: {e}"))
         };

@@ -215,8 +215,11 @@ struct Shared {
     /// The live state (its applied point runs ahead of the file's).
     state: Mutex<State>,
     /// Building and installing a snapshot both write the state file: one
-    /// at a time (openraft 0.9 builds on a task of its own).
-    snapshotting: tokio::sync::Mutex<()>,
+    /// at a time (openraft 0.9 builds on a task of its own). True once the
+    /// copyset is removed from this server ([`ChunkMachine::retire`]): a
+    /// build still running must not write into a later incarnation's
+    /// directory.
+    snapshotting: Arc<tokio::sync::Mutex<bool>>,
 }
 
 /// One copyset's state machine.
@@ -224,6 +227,9 @@ struct Shared {
 pub struct ChunkMachine(Arc<Shared>);
 
 type Error = StorageError<u64>;
+
+/// Held while a snapshot is built or installed (`Shared::snapshotting`).
+type Snapshotting = tokio::sync::OwnedMutexGuard<bool>;
 
 fn storage_error(verb: &str, e: impl std::fmt::Display) -> Error {
     StorageIOError::<u64>::write_state_machine(openraft::AnyError::error(format!("{verb}: {e}")))
@@ -257,7 +263,7 @@ impl ChunkMachine {
             log_durable,
             log_applied,
             state: Mutex::new(state),
-            snapshotting: tokio::sync::Mutex::new(()),
+            snapshotting: Arc::new(tokio::sync::Mutex::new(false)),
         })))
     }
 
@@ -290,15 +296,39 @@ impl ChunkMachine {
         self.0.state.lock().expect("machine lock")
     }
 
+    /// Takes `snapshotting`, unless the copyset was retired.
+    async fn one_at_a_time(&self) -> Result<Snapshotting, Error> {
+        let held = Arc::clone(&self.0.snapshotting).lock_owned().await;
+        if *held {
+            return Err(storage_error(
+                "snapshot",
+                "the copyset was removed from this server",
+            ));
+        }
+        Ok(held)
+    }
+
     /// Writes the state file: into a temporary file, synced, renamed over
-    /// (on a blocking thread: two syncs). Callers hold `snapshotting`.
-    async fn persist(&self, state: &State) -> Result<(), Error> {
+    /// (on a blocking thread: two syncs). The write holds `snapshotting`
+    /// (handed back after) even if the caller goes away meanwhile.
+    async fn persist(&self, state: &State, held: Snapshotting) -> Result<Snapshotting, Error> {
         let bytes = serde_json::to_vec(state).expect("the state serializes");
         let dir = self.0.dir.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&dir, STATE_FILE, &bytes))
-            .await
-            .map_err(|e| storage_error("saving the copyset state", e))?
-            .map_err(|e| storage_error("saving the copyset state", e))
+        let (held, written) = tokio::task::spawn_blocking(move || {
+            let written = write_atomically(&dir, STATE_FILE, &bytes);
+            (held, written)
+        })
+        .await
+        .map_err(|e| storage_error("saving the copyset state", e))?;
+        written.map_err(|e| storage_error("saving the copyset state", e))?;
+        Ok(held)
+    }
+
+    /// The copyset leaves this server: waits for a snapshot being built or
+    /// installed, and refuses any later one (openraft's build task may
+    /// outlive the copyset's Raft).
+    pub async fn retire(&self) {
+        *self.0.snapshotting.lock().await = true;
     }
 
     /// Fencing: refuses a write whose epoch is older than the newest the
@@ -489,7 +519,7 @@ fn create(store: &mut ChunkStore, key: ChunkKey, sn: u64) -> Result<(), StoreErr
 
 impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let _one_at_a_time = self.0.snapshotting.lock().await;
+        let held = self.one_at_a_time().await?;
         let (last_applied, membership, epochs) = {
             let state = self.state();
             (
@@ -560,7 +590,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ChunkMachine {
                 snapshot: Some(stored.clone()),
                 epochs,
             };
-            self.persist(&to_save).await?;
+            let _held = self.persist(&to_save, held).await?;
             self.state().snapshot = Some(stored);
         }
         tracing::debug!(copyset = self.0.copyset, index = ?last_applied.map(|l| l.index), "snapshot built");
@@ -660,7 +690,7 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
         meta: &SnapshotMeta<u64, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), Error> {
-        let _one_at_a_time = self.0.snapshotting.lock().await;
+        let held = self.one_at_a_time().await?;
         let data = snapshot.into_inner();
         let parsed: SnapshotData = serde_json::from_slice(&data)
             .map_err(|e| storage_error("reading a received snapshot", e))?;
@@ -722,7 +752,7 @@ impl RaftStateMachine<TypeConfig> for ChunkMachine {
             snapshot: Some(stored),
             epochs: parsed.epochs,
         };
-        self.persist(&state).await?;
+        let _held = self.persist(&state, held).await?;
         *self.state() = state;
         Ok(())
     }
