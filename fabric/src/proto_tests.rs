@@ -955,20 +955,7 @@ fn a_remote_read_rts_on_a_plain_connection_is_refused() {
 #[test]
 fn a_send_that_finds_no_buffer_keeps_its_credit() {
     // Own arena: a tiny 4 KiB class, a 64 KiB class for receive buffers.
-    let arena = Arena::new(&ArenaConfig {
-        classes: vec![
-            SizeClass {
-                buf_bytes: 4 << 10,
-                count: 2,
-            },
-            SizeClass {
-                buf_bytes: 64 << 10,
-                count: 16,
-            },
-        ],
-        huge_pages: false,
-    })
-    .unwrap();
+    let arena = small_arena(2, 16);
     let config = ConnConfig {
         eager_bytes_max: 8 << 10,
         rx_chunk_bytes: 64 << 10,
@@ -1003,20 +990,7 @@ fn a_send_that_finds_no_buffer_keeps_its_credit() {
 /// (as openraft does): the parked copies of timed-out requests are let go.
 #[test]
 fn a_timed_out_rpc_still_parked_lets_its_buffer_go() {
-    let arena = Arena::new(&ArenaConfig {
-        classes: vec![
-            SizeClass {
-                buf_bytes: 4 << 10,
-                count: 64,
-            },
-            SizeClass {
-                buf_bytes: 64 << 10,
-                count: 64,
-            },
-        ],
-        huge_pages: false,
-    })
-    .unwrap();
+    let arena = small_arena(64, 64);
     let config = ConnConfig {
         eager_bytes_max: 8 << 10,
         rx_chunk_bytes: 64 << 10,
@@ -1071,6 +1045,24 @@ fn a_timed_out_rpc_still_parked_lets_its_buffer_go() {
 }
 
 /// An established pair whose connections take their buffers from `arena`.
+/// An arena of `small` 4 KiB and `large` 64 KiB buffers.
+fn small_arena(small: usize, large: usize) -> Arena {
+    Arena::new(&ArenaConfig {
+        classes: vec![
+            SizeClass {
+                buf_bytes: 4 << 10,
+                count: small,
+            },
+            SizeClass {
+                buf_bytes: 64 << 10,
+                count: large,
+            },
+        ],
+        huge_pages: false,
+    })
+    .unwrap()
+}
+
 fn established_on(arena: &Arena, config: ConnConfig) -> Pair {
     let mut pair = Pair::new(config);
     pair.arena = arena.clone();

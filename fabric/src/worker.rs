@@ -704,18 +704,13 @@ impl Worker {
 
     /// Does all work that is ready, without sleeping; returns how much was done.
     pub fn progress(&mut self) -> usize {
-        let now = Instant::now();
-        let work = self.progress_once(Some(Duration::ZERO), now, true);
-        if work > 0 {
-            self.last_work = now;
-        }
-        work
+        self.progress_once(Some(Duration::ZERO), Instant::now(), true)
     }
 
     /// The epoll descriptor every source of the worker's work is registered
     /// in (sockets, listeners, the completion channel, the waker): readable
     /// when one has an event, so an async runtime can wait on it in place of
-    /// the worker's own sleep (see [`Worker::prepare_sleep`]).
+    /// the worker's own sleep (see [`Worker::progress_or_sleep`]).
     ///
     /// This is a duplicate of the descriptor (the same epoll instance), the
     /// caller's to own: it stays valid however long the caller keeps it.
@@ -725,17 +720,20 @@ impl Worker {
         fd.try_clone_to_owned()
     }
 
-    /// For a caller that waits on [`Worker::poll_fd`] itself: does what the
-    /// worker does before it sleeps and says whether to wait and for how
-    /// long (the earliest RPC deadline or memory retry). While the spin since
-    /// the last work lasts, the answer is not yet; after it, one full round
-    /// that takes every pending epoll event (one left behind would not wake
-    /// the caller again), then the completion queue is armed and polled once
-    /// more.
-    pub fn prepare_sleep(&mut self) -> Sleep {
+    /// One round for a caller that waits on [`Worker::poll_fd`] itself, as
+    /// [`Worker::progress_until`] would do it, and whether to wait next and
+    /// for how long (the earliest RPC deadline or memory retry). While the
+    /// spin since the last work lasts, a spinning round and not yet; after
+    /// it, one full round that takes every pending epoll event (one left
+    /// behind would not wake the caller again), then the completion queue is
+    /// armed and polled once more, and a wait unless any of it found work.
+    pub fn progress_or_sleep(&mut self) -> Sleep {
         let now = Instant::now();
         if now.duration_since(self.last_work) < self.spin {
             self.stats.spins += 1;
+            if self.progress_once(Some(Duration::ZERO), now, true) > 0 {
+                self.last_work = now;
+            }
             return Sleep::NotYet;
         }
         // The round first: it clears `memory_blocked`, which a failed arming sets.
@@ -1583,7 +1581,7 @@ fn set_send_buffer(sock: &TcpStream, bytes: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// What [`Worker::prepare_sleep`] says.
+/// What [`Worker::progress_or_sleep`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sleep {
     /// There is work (or the spin lasts): progress again first.

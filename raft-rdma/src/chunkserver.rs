@@ -1003,9 +1003,8 @@ impl Chunkserver {
         let removed = self.removed_dir(id);
         // On a blocking thread: four syncs, and the runtime carries the
         // fabric and every other copyset.
-        let (dir_, storage_dir) = (dir.clone(), dir.display().to_string());
+        let shown = dir.display().to_string();
         tokio::task::spawn_blocking(move || {
-            let dir = dir_;
             let incarnation = std::fs::read_to_string(removed.join(INCARNATION_FILE))
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok())
@@ -1023,7 +1022,7 @@ impl Chunkserver {
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r)
-        .map_err(|e| ChunkError::Storage(format!("{storage_dir}: {e}")))?;
+        .map_err(|e| ChunkError::Storage(format!("{shown}: {e}")))?;
         self.open_copyset(id, spec)
             .await
             .map_err(|e| ChunkError::Raft(format!("{e:#}")))

@@ -559,12 +559,9 @@ impl Serving {
         }
     }
 
-    /// Resolves answered calls and forgets closed endpoints; returns how
-    /// many completions there were.
-    fn resolve(&mut self, worker: &mut Worker) -> usize {
-        let mut count = 0;
+    /// Resolves answered calls and forgets closed endpoints.
+    fn resolve(&mut self, worker: &mut Worker) {
         while let Some(c) = worker.poll_completion() {
-            count += 1;
             match c {
                 Completion::Rpc { ep, id, result } => {
                     if let Some(answer) = self.calls.remove(&(ep, id)) {
@@ -578,7 +575,6 @@ impl Serving {
                 Completion::Send { .. } | Completion::Established { .. } => {}
             }
         }
-        count
     }
 }
 
@@ -595,20 +591,13 @@ async fn serve(
 ) {
     let mut serving = Serving::default();
     while !stop.is_set() {
-        let mut work = 0;
         while let Ok(cmd) = cmds.try_recv() {
             serving.carry_out(&mut worker, cmd);
-            work += 1;
         }
-        work += worker.progress();
-        work += serving.resolve(&mut worker);
-        if work > 0 {
-            yield_to_others().await;
-            continue;
-        }
-        let timeout = match worker.prepare_sleep() {
+        let next = worker.progress_or_sleep();
+        serving.resolve(&mut worker);
+        let timeout = match next {
             Sleep::NotYet => {
-                serving.resolve(&mut worker);
                 yield_to_others().await;
                 continue;
             }

@@ -49,6 +49,19 @@ fn small(dir: &std::path::Path) -> LogConfig {
     }
 }
 
+/// A fabric arena of one 4 KiB buffer: taken while a log entry holds it.
+fn one_buffer_arena() -> quiver_fabric::arena::Arena {
+    use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
+    Arena::new(&ArenaConfig {
+        classes: vec![SizeClass {
+            buf_bytes: 4096,
+            count: 1,
+        }],
+        huge_pages: false,
+    })
+    .unwrap()
+}
+
 fn check(log: &LogEngine, group: u64, from: u64, to: u64) {
     let got = log.entries(group, from, to).unwrap();
     assert_eq!(
@@ -525,15 +538,7 @@ fn applied_entries_keep_the_newest_few_in_memory_within_their_cap() {
 
 #[test]
 fn a_kept_applied_entry_gives_its_fabric_buffer_back() {
-    use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
-    let arena = Arena::new(&ArenaConfig {
-        classes: vec![SizeClass {
-            buf_bytes: 4096,
-            count: 1,
-        }],
-        huge_pages: false,
-    })
-    .unwrap();
+    let arena = one_buffer_arena();
     let dir = tempfile::tempdir().unwrap();
     let log = LogEngine::open(small(dir.path())).unwrap();
     let mut buf = arena.alloc(3000).unwrap();
@@ -553,15 +558,7 @@ fn a_kept_applied_entry_gives_its_fabric_buffer_back() {
 
 #[test]
 fn a_released_entrys_fabric_buffer_goes_back_to_the_fabric() {
-    use quiver_fabric::arena::{Arena, ArenaConfig, SizeClass};
-    let arena = Arena::new(&ArenaConfig {
-        classes: vec![SizeClass {
-            buf_bytes: 4096,
-            count: 1,
-        }],
-        huge_pages: false,
-    })
-    .unwrap();
+    let arena = one_buffer_arena();
     let dir = tempfile::tempdir().unwrap();
     let log = LogEngine::open(small(dir.path())).unwrap();
     let mut buf = arena.alloc(3000).unwrap();

@@ -203,10 +203,15 @@ impl Group {
 
     /// The entries with indexes in `[from, to)`.
     fn range(&self, from: u64, to: u64) -> std::collections::vec_deque::Iter<'_, Stored> {
+        self.entries.range(self.positions(from, to))
+    }
+
+    /// Where the entries with indexes in `[from, to)` are in `entries`.
+    fn positions(&self, from: u64, to: u64) -> std::ops::Range<usize> {
         let first = self.entries.front().map_or(0, |e| e.id.index);
         let start = from.saturating_sub(first) as usize;
         let end = to.saturating_sub(first).min(self.entries.len() as u64) as usize;
-        self.entries.range(start.min(end)..end)
+        start.min(end)..end
     }
 
     fn get_mut(&mut self, index: u64) -> Option<&mut Stored> {
@@ -258,10 +263,8 @@ impl Group {
     /// Copies the data of the entries in `[from, to)` that are held in
     /// fabric buffers to the heap, so the buffers go back to the fabric.
     fn unpin(&mut self, from: u64, to: u64) {
-        let first = self.entries.front().map_or(0, |e| e.id.index);
-        let start = from.saturating_sub(first) as usize;
-        let end = to.saturating_sub(first).min(self.entries.len() as u64) as usize;
-        for e in self.entries.range_mut(start.min(end)..end) {
+        let positions = self.positions(from, to);
+        for e in self.entries.range_mut(positions) {
             if let Some(data @ Data::Fabric(_)) = &mut e.data {
                 *data = Data::from(&data[..]);
             }
