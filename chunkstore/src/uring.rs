@@ -170,6 +170,29 @@ impl Ring {
         self.write_fixed_bytes(slot, offset, buf, index, token)
     }
 
+    /// Queues a write of `buf` at `offset` of the file in `slot`, linked to
+    /// the operation queued next: that one starts only after this write
+    /// completed in full, and fails with `ECANCELED` if it did not.
+    pub fn write_fixed_linked(
+        &mut self,
+        slot: u32,
+        offset: u64,
+        buf: &Buf,
+        token: u64,
+    ) -> Result<(), StoreError> {
+        let index = buf
+            .placement()
+            .fixed_index
+            .ok_or(StoreError::Unregistered)?;
+        let sqe =
+            opcode::WriteFixed::new(types::Fixed(slot), buf.as_ptr(), buf.len() as u32, index)
+                .offset(offset)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(token);
+        self.push(sqe)
+    }
+
     /// Queues a write of `bytes`, which lie in fixed buffer `index`, at `offset`.
     /// The caller keeps `bytes` unchanged and alive until the completion.
     pub fn write_fixed_bytes(

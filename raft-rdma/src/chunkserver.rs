@@ -123,8 +123,8 @@ pub struct ChunkserverConfig {
     /// reads): a quarter in 4 KiB buffers, a quarter in 64 KiB, half in 1 MiB.
     #[serde(default = "default_arena_mib")]
     pub arena_mib: usize,
-    /// Microseconds the fabric task (it adapts up to 16x this) and the
-    /// log writer poll after work before they sleep. Spinning buys latency
+    /// Microseconds the fabric task (it adapts up to 16x this) polls after
+    /// work before it sleeps. Spinning buys latency
     /// with a core: on a machine with fewer cores than busy threads it costs
     /// more than it buys (measured: 4 processes on 2 cores, a 200 us fabric
     /// spin made 3-replica writes 5x slower), so the default is 0; give it
@@ -440,7 +440,7 @@ impl Chunkserver {
         );
         let log_config = LogConfig {
             segment_bytes: config.log_segment_mib << 20,
-            writer_spin: std::time::Duration::from_micros(config.spin_us),
+            runtime: Some(tokio::runtime::Handle::current()),
             device_flush: config.device_flush,
             ..LogConfig::new(dir.join("log"))
         };

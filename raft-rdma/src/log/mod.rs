@@ -2,10 +2,12 @@
 //! it, so many groups cost few fsyncs.
 //!
 //! Records ([`record`]) go to segment files (`log-<seq>.seg`, preallocated)
-//! written by one thread through io_uring with O_DIRECT: it takes every
+//! written by one writer through io_uring with O_DIRECT: it takes every
 //! request queued since its last write, writes them as one batch (padded to
-//! 4 KiB), issues one fdatasync, and only then reports each request durable
-//! (group commit). Appends are visible to readers at once (Raft reads entries
+//! 4 KiB) linked to one fdatasync, and only then reports each request durable
+//! (group commit). The writer is an async task ([`LogConfig::runtime`]): it
+//! waits for its ring's completions on an eventfd, so it shares the thread
+//! Raft runs on without blocking it. Appends are visible to readers at once (Raft reads entries
 //! back to replicate them before they are durable); their durability is
 //! reported through the callback. An entry's data stay in memory as given
 //! (a fabric buffer, on the write path) until the Raft layer has applied it
@@ -31,10 +33,12 @@ pub mod record;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
+
 use std::thread::JoinHandle;
+use tokio::io::unix::AsyncFd;
 
 use quiver_chunkstore::flush::DeviceFlush;
 use quiver_chunkstore::uring::Ring;
@@ -65,12 +69,12 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Bytes one write carries at most (a batch larger than this is split).
     pub write_bytes_max: usize,
-    /// How long the writer thread polls for the next request before it
-    /// sleeps. A Raft group at queue depth 1 sends its next append soon
-    /// after the last became durable, and a sleeping thread pays a wake-up
-    /// (~60 us on an idle vCPU here); but a polling thread holds a core that
-    /// other threads may be waiting for.
-    pub writer_spin: std::time::Duration,
+    /// The runtime the writer runs on, as a task: the chunkserver's, so a
+    /// request, its write's submission and its durability are task wake-ups
+    /// on the thread Raft runs on, with no thread of the log's own to wake
+    /// (on two vCPUs shared by three servers, that wake-up waited for a CPU).
+    /// None: the writer runs a runtime on a thread of its own.
+    pub runtime: Option<tokio::runtime::Handle>,
     /// Make batches durable with one device cache flush where a segment's
     /// block map is fixed (see `quiver_chunkstore::flush`), not an
     /// fdatasync of the segment: an append updates the segment's
@@ -85,7 +89,7 @@ impl LogConfig {
             dir: dir.into(),
             segment_bytes: 64 << 20,
             write_bytes_max: 4 << 20,
-            writer_spin: std::time::Duration::from_micros(100),
+            runtime: None,
             device_flush: true,
         }
     }
@@ -346,7 +350,7 @@ impl Group {
     }
 }
 
-/// A record owned for the writer thread.
+/// A record owned for the writer.
 enum Owned {
     Entry { group: u64, entry: Entry },
     Truncate { group: u64, from: u64 },
@@ -422,7 +426,8 @@ pub struct LogEngine {
     /// writing while the writer retires one: a segment named in an entry's
     /// place stays until the read is done.
     segments_in_use: Arc<RwLock<()>>,
-    tx: mpsc::Sender<Op>,
+    tx: tokio::sync::mpsc::UnboundedSender<Op>,
+    /// The writer's own thread, where it has one.
     writer: Option<JoinHandle<()>>,
 }
 
@@ -530,6 +535,7 @@ impl LogEngine {
         }));
         let segments_in_use = Arc::new(RwLock::new(()));
         let dir = config.dir.clone();
+        let runtime = config.runtime.clone();
         let writer = Writer::start(
             config,
             segments,
@@ -538,17 +544,30 @@ impl LogEngine {
             Arc::clone(&shared),
             Arc::clone(&segments_in_use),
         )?;
-        let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("raft-log".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| LogError::Ring(format!("spawning the log writer: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let thread = match runtime {
+            Some(runtime) => {
+                runtime.spawn(writer.run(rx));
+                None
+            }
+            None => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| LogError::Ring(format!("the log writer's runtime: {e}")))?;
+                let thread = std::thread::Builder::new()
+                    .name("raft-log".into())
+                    .spawn(move || runtime.block_on(writer.run(rx)))
+                    .map_err(|e| LogError::Ring(format!("spawning the log writer: {e}")))?;
+                Some(thread)
+            }
+        };
         Ok(LogEngine {
             dir,
             shared,
             segments_in_use,
             tx,
-            writer: Some(thread),
+            writer: thread,
         })
     }
 
@@ -557,7 +576,7 @@ impl LogEngine {
     }
 
     fn send(&self, records: Vec<Owned>, done: Durable) {
-        if let Err(mpsc::SendError(Op::Write { done, .. })) =
+        if let Err(tokio::sync::mpsc::error::SendError(Op::Write { done, .. })) =
             self.tx.send(Op::Write { records, done })
         {
             done(Err(LogError::Failed("the log writer has stopped".into())));
@@ -860,6 +879,9 @@ impl LogEngine {
 }
 
 impl Drop for LogEngine {
+    /// Stops the writer after the requests queued before; waits for it where
+    /// it has a thread (a task on the caller's runtime cannot be waited for
+    /// here, and stops on its own).
     fn drop(&mut self) {
         let _ = self.tx.send(Op::Stop);
         if let Some(t) = self.writer.take() {
@@ -878,7 +900,14 @@ pub fn wait_durable(f: impl FnOnce(Durable) -> Result<(), LogError>) -> Result<(
         .unwrap_or_else(|_| Err(LogError::Failed("the log writer has stopped".into())))
 }
 
-/// The writer thread's state: the open segment and the ring.
+/// The writer's ring slots: the open segment, and the device flush's anchor.
+const SEGMENT_SLOT: u32 = 0;
+const ANCHOR_SLOT: u32 = 1;
+/// Tokens of the writer's ring operations (one batch in flight at a time).
+const WRITE_TOKEN: u64 = 0;
+const SYNC_TOKEN: u64 = 1;
+
+/// The writer's state: the open segment and the ring.
 struct Writer {
     config: LogConfig,
     shared: Arc<Mutex<Shared>>,
@@ -907,6 +936,11 @@ struct Writer {
     free: Vec<PathBuf>,
     /// Completions taken from the ring (kept, so waiting allocates nothing).
     cqes: Vec<quiver_chunkstore::uring::Cqe>,
+    reaped: Vec<quiver_chunkstore::uring::Cqe>,
+    /// The ring's completion eventfd: made at start, waited on by the task
+    /// once it runs (an `AsyncFd` is registered with the runtime it runs on).
+    eventfd: Option<OwnedFd>,
+    completions: Option<AsyncFd<OwnedFd>>,
 }
 
 impl Writer {
@@ -927,8 +961,11 @@ impl Writer {
             huge_pages: false,
         })
         .map_err(|e| LogError::Ring(format!("log write buffers: {e}")))?;
-        let mut ring = Ring::new(8, 1)?;
+        let mut ring = Ring::new(8, 2)?;
         ring.register_arena(&arena)?;
+        let eventfd = ring
+            .completion_eventfd()
+            .map_err(io_error("making the completion eventfd of", &config.dir))?;
         let (file, tail) = match (segments.last(), tail) {
             (Some(last), Some(tail)) if tail + 2 * (PAGE_BYTES as u64) <= config.segment_bytes => {
                 let file = open_segment(&last.path, false)?;
@@ -957,12 +994,16 @@ impl Writer {
                 (file, 0)
             }
         };
-        ring.set_file(0, file.as_raw_fd())
+        ring.set_file(SEGMENT_SLOT, file.as_raw_fd())
             .map_err(io_error("registering", &config.dir))?;
         let device_flush = match config.device_flush {
             true => DeviceFlush::for_dir(&config.dir)?,
             false => None,
         };
+        if let Some(flush) = &device_flush {
+            ring.set_file(ANCHOR_SLOT, flush.anchor().as_raw_fd())
+                .map_err(io_error("registering", flush.anchor_path()))?;
+        }
         let file_flushed_by_device = device_flush
             .as_ref()
             .is_some_and(|f| f.covers(&file, config.segment_bytes));
@@ -982,7 +1023,10 @@ impl Writer {
         let mut writer = Writer {
             spare: None,
             free,
-            cqes: Vec::with_capacity(1),
+            cqes: Vec::with_capacity(2),
+            reaped: Vec::with_capacity(2),
+            eventfd: Some(eventfd),
+            completions: None,
             encoded_entries: Vec::new(),
             segments_in_use,
             retire_misses: 0,
@@ -1001,19 +1045,40 @@ impl Writer {
         if writer.free.is_empty() {
             writer.prepare_spare();
         }
-        if writer.tail == 0 {
-            writer.write_metadata()?;
-        }
         Ok(writer)
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Op>) {
+    /// What the writer must do before its first request: wait on its ring
+    /// from the runtime it runs on, and start a new segment with metadata.
+    async fn begin(&mut self) -> Result<(), LogError> {
+        let eventfd = self.eventfd.take().expect("begun once");
+        // SAFETY: the AsyncFd owns the descriptor, so it stays open and the
+        // same for the AsyncFd's whole life.
+        let completions =
+            unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
+                .map_err(|e| LogError::Ring(format!("waiting on the log's ring: {e}")))?;
+        self.completions = Some(completions);
+        if self.tail == 0 {
+            self.write_metadata().await?;
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Op>) {
+        if let Err(e) = self.begin().await {
+            tracing::error!(error = %e, "the log writer could not start; the log engine stops");
+            self.shared.lock().expect("log state lock").failed = Some(e.to_string());
+            return;
+        }
         let mut stop = false;
         while !stop {
-            let Some(first) = next_request(&rx, self.config.writer_spin) else {
+            let Some(first) = rx.recv().await else {
                 break;
             };
+            // Records and their callbacks apart: the callbacks (not `Sync`)
+            // must not be borrowed across the write's awaits.
             let mut batch = Vec::new();
+            let mut dones: Vec<Durable> = Vec::new();
             let mut bytes = 0;
             for op in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match op {
@@ -1026,7 +1091,8 @@ impl Writer {
                             .iter()
                             .map(|r| r.record().encoded_len())
                             .sum::<usize>();
-                        batch.push((records, done));
+                        batch.push(records);
+                        dones.push(done);
                         if bytes >= self.config.write_bytes_max {
                             break;
                         }
@@ -1048,9 +1114,9 @@ impl Writer {
                     .collect()
             };
             if !noted.is_empty() {
-                batch.push((noted, Box::new(|_| {})));
+                batch.push(noted);
             }
-            let result = self.write_batch(&batch);
+            let result = self.write_batch(&batch).await;
             {
                 let mut shared = self.shared.lock().expect("log state lock");
                 match &result {
@@ -1059,14 +1125,14 @@ impl Writer {
                         shared.failed = Some(e.to_string());
                     }
                     Ok(()) => {
-                        shared.stats.requests += batch.len() as u64;
+                        shared.stats.requests += dones.len() as u64;
                         shared.stats.syncs += 1;
                     }
                 }
             }
-            for (records, done) in batch {
-                // Records first: their data may be the last hold on a buffer.
-                drop(records);
+            // Records first: their data may be the last hold on a buffer.
+            drop(batch);
+            for done in dones {
                 done(result.clone());
             }
             if result.is_err() {
@@ -1087,24 +1153,24 @@ impl Writer {
     }
 
     /// Writes a batch of requests' records and syncs once.
-    fn write_batch(&mut self, batch: &[(Vec<Owned>, Durable)]) -> Result<(), LogError> {
+    async fn write_batch(&mut self, batch: &[Vec<Owned>]) -> Result<(), LogError> {
         self.encoded.clear();
-        for (records, _) in batch {
+        for records in batch {
             for r in records {
                 let record = r.record();
                 let len = record.encoded_len();
                 if self.encoded.len() + len > self.config.write_bytes_max
                     && !self.encoded.is_empty()
                 {
-                    self.write_encoded()?;
+                    self.write_encoded(false).await?;
                     self.encoded.clear();
                 }
                 if !self.fits(self.encoded.len() + len) {
                     // Records carry their segment's number: what is encoded
                     // goes to this segment, the record to the next.
-                    self.write_encoded()?;
+                    self.write_encoded(false).await?;
                     self.encoded.clear();
-                    self.roll()?;
+                    self.roll().await?;
                 }
                 if let Record::Entry { group, id, .. } = record {
                     self.encoded_entries.push((group, id, self.encoded.len()));
@@ -1113,9 +1179,8 @@ impl Writer {
                 record.encode(&mut self.encoded, seq);
             }
         }
-        self.write_encoded()?;
-        self.sync()?;
-        for (records, _) in batch {
+        self.write_encoded(true).await?;
+        for records in batch {
             for r in records {
                 if let Owned::Purge { group, upto } = r {
                     let p = self.durable_purged.entry(*group).or_default();
@@ -1135,9 +1200,17 @@ impl Writer {
                 <= self.config.segment_bytes
     }
 
-    /// Appends the encoded bytes, padded to a page, at the tail. Not yet synced.
-    fn write_encoded(&mut self) -> Result<(), LogError> {
+    /// Appends the encoded bytes, padded to a page, at the tail; with
+    /// `then_sync`, makes them (and every write before) durable too, the
+    /// sync linked after the write in one submission (one wake-up of the
+    /// writer for both).
+    async fn write_encoded(&mut self, then_sync: bool) -> Result<(), LogError> {
         if self.encoded.is_empty() {
+            if then_sync {
+                self.queue_sync(self.tail)?;
+                self.complete(1).await?;
+                self.result_of(SYNC_TOKEN, "fdatasync")?;
+            }
             return Ok(());
         }
         let padded = self.encoded.len().next_multiple_of(PAGE_BYTES);
@@ -1148,14 +1221,27 @@ impl Writer {
         buf[..self.encoded.len()].copy_from_slice(&self.encoded);
         buf[self.encoded.len()..].fill(0);
         let buf = buf.freeze();
-        self.ring.write_fixed(0, self.tail, &buf, 0)?;
-        let written = self.wait("write")?;
+        if then_sync {
+            self.ring
+                .write_fixed_linked(SEGMENT_SLOT, self.tail, &buf, WRITE_TOKEN)?;
+            self.queue_sync(self.tail + padded as u64)?;
+            self.complete(2).await?;
+        } else {
+            self.ring
+                .write_fixed(SEGMENT_SLOT, self.tail, &buf, WRITE_TOKEN)?;
+            self.complete(1).await?;
+        }
+        // The write's own failure, not the sync's cancellation, is the news.
+        let written = self.result_of(WRITE_TOKEN, "writing")?;
         if written as usize != padded {
             return Err(LogError::Io {
                 op: "writing",
                 path: self.segments.last().expect("open").path.clone(),
                 error: format!("short write: {written} of {padded} bytes"),
             });
+        }
+        if then_sync {
+            self.result_of(SYNC_TOKEN, "fdatasync")?;
         }
         let start = self.tail;
         self.tail += padded as u64;
@@ -1175,57 +1261,68 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes what was written durable: fdatasync called on this thread, not
-    /// through the ring. io_uring runs an fsync on an io-wq kernel thread,
-    /// one wake-up there and one back, and this thread has nothing else to do
-    /// meanwhile (requests queue for the next batch). Measured, 3-replica
-    /// 4 KiB writes at queue depth 1, alternating runs: p50 923-952 us
-    /// against 1031-1194 through the ring; at depth 16 over 8 copysets, no
-    /// difference beyond the noise.
+    /// Queues what makes every completed write durable, once the segment
+    /// ends at `end`. The fdatasync runs on an io_uring worker thread of the
+    /// kernel's (it blocks), which this writer does not wait for.
     ///
     /// Where the segment qualifies, the fdatasync is of the device flush's
     /// anchor instead: the same cache flush without the inode write.
-    fn sync(&mut self) -> Result<(), LogError> {
+    fn queue_sync(&mut self, end: u64) -> Result<(), LogError> {
         // A batch may run past the segment's checked length (a record larger
         // than a segment): that write grew the file, which only its own
         // fdatasync makes durable.
-        let within_checked = self.tail <= self.config.segment_bytes;
-        if let Some(flush) = self
-            .device_flush
-            .as_ref()
-            .filter(|_| self.file_flushed_by_device && within_checked)
-        {
-            return Ok(flush.flush()?);
-        }
-        let path = &self.segments.last().expect("an open segment").path;
-        self.file.sync_data().map_err(io_error("fdatasync", path))
+        let by_device = self.device_flush.is_some()
+            && self.file_flushed_by_device
+            && end <= self.config.segment_bytes;
+        let slot = if by_device { ANCHOR_SLOT } else { SEGMENT_SLOT };
+        Ok(self.ring.fdatasync(slot, SYNC_TOKEN)?)
     }
 
-    fn wait(&mut self, what: &'static str) -> Result<u32, LogError> {
-        self.ring.submit_and_wait(1)?;
+    /// Submits what is queued and waits until `n` completions are in
+    /// (`cqes`), without blocking the thread the writer runs on.
+    async fn complete(&mut self, n: usize) -> Result<(), LogError> {
+        self.cqes.clear();
+        self.ring.submit_and_wait(0)?;
+        let completions = self.completions.as_ref().expect("the writer has begun");
         loop {
-            self.ring.reap(&mut self.cqes);
-            if let Some(c) = self.cqes.first() {
-                return c.result.map_err(|e| LogError::Io {
-                    op: what,
-                    path: self.segments.last().expect("open").path.clone(),
-                    error: e.to_string(),
-                });
+            self.ring.reap(&mut self.reaped);
+            self.cqes.extend_from_slice(&self.reaped);
+            if self.cqes.len() >= n {
+                return Ok(());
             }
-            self.ring.submit_and_wait(1)?;
+            // The eventfd is never read: the runtime's epoll is edge
+            // triggered, and each completion posted signals it again.
+            let mut ready = completions
+                .readable()
+                .await
+                .map_err(|e| LogError::Ring(format!("waiting on the log's ring: {e}")))?;
+            ready.clear_ready();
         }
+    }
+
+    /// The result of the completed operation `token`, among `cqes`.
+    fn result_of(&self, token: u64, what: &'static str) -> Result<u32, LogError> {
+        let cqe = self
+            .cqes
+            .iter()
+            .find(|c| c.token == token)
+            .ok_or_else(|| LogError::Ring(format!("no completion for the log's {what}")))?;
+        cqe.result.map_err(|e| LogError::Io {
+            op: what,
+            path: self.segments.last().expect("open").path.clone(),
+            error: e.to_string(),
+        })
     }
 
     /// Seals the open segment (synced) and starts a new one, beginning with
     /// every group's metadata (written, not yet synced). `encoded` must be
     /// empty, and is again after.
-    fn roll(&mut self) -> Result<(), LogError> {
+    async fn roll(&mut self) -> Result<(), LogError> {
         debug_assert!(self.encoded.is_empty());
         let seq = self.seq();
         Record::Seal.encode(&mut self.encoded, seq);
-        self.write_encoded()?;
+        self.write_encoded(true).await?;
         self.encoded.clear();
-        self.sync()?;
         let seq = seq + 1;
         let path = segment_path(&self.config.dir, seq);
         let sync_dir = |path: &Path| {
@@ -1245,7 +1342,13 @@ impl Writer {
                 .segments_reused += 1;
             open_segment(&path, false)?
         } else {
-            match self.spare.take().map(|h| h.join()) {
+            let spare = self.spare.take();
+            // Waited for without blocking the runtime's thread: the spare
+            // may still be filling with zeros when appends come fast.
+            while spare.as_ref().is_some_and(|h| !h.is_finished()) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            match spare.map(|h| h.join()) {
                 Some(Ok(Ok(spare))) => {
                     std::fs::rename(&spare, &path).map_err(io_error("renaming", &spare))?;
                     sync_dir(&path)?;
@@ -1263,7 +1366,7 @@ impl Writer {
             self.prepare_spare();
         }
         self.ring
-            .set_file(0, self.file.as_raw_fd())
+            .set_file(SEGMENT_SLOT, self.file.as_raw_fd())
             .map_err(io_error("registering", &path))?;
         self.file_flushed_by_device = self
             .device_flush
@@ -1276,7 +1379,7 @@ impl Writer {
             reusable: true,
         });
         self.tail = 0;
-        self.write_metadata()
+        self.write_metadata().await
     }
 
     /// Starts writing the segment after the open one, so a roll does not
@@ -1293,10 +1396,10 @@ impl Writer {
 
     /// Starts a fresh segment with every group's vote, committed id and
     /// purge point (written, not yet synced).
-    fn write_metadata(&mut self) -> Result<(), LogError> {
+    async fn write_metadata(&mut self) -> Result<(), LogError> {
         self.encoded.clear();
         self.encode_metadata();
-        self.write_encoded()?;
+        self.write_encoded(false).await?;
         self.encoded.clear();
         Ok(())
     }
@@ -1366,22 +1469,6 @@ impl Writer {
             self.segments.remove(0);
         }
         Ok(())
-    }
-}
-
-/// The next request: polled for `spin`, then waited for. None when every
-/// sender is gone.
-fn next_request(rx: &mpsc::Receiver<Op>, spin: std::time::Duration) -> Option<Op> {
-    let spin_until = std::time::Instant::now() + spin;
-    loop {
-        match rx.try_recv() {
-            Ok(op) => return Some(op),
-            Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < spin_until => {
-                std::hint::spin_loop();
-            }
-            Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
-        }
     }
 }
 
