@@ -54,7 +54,7 @@ pub struct Disk {
     failed: Mutex<Option<StoreError>>,
     /// Tokens of applied writes (to find a write's own completion).
     next_token: std::sync::atomic::AtomicU64,
-    /// The store's completion eventfd, written on drop to stop the driver.
+    /// The store's completion eventfd, written on drop to end the driver task.
     wake_driver: Option<std::os::fd::OwnedFd>,
     /// A deferred submission of applied writes is scheduled ([`Disk::submit_soon`]).
     submit_scheduled: std::sync::atomic::AtomicBool,
@@ -73,13 +73,14 @@ impl Drop for Disk {
 }
 
 impl Disk {
-    /// A disk whose store is kept moving by a driver thread: applied writes
-    /// are submitted and left, and operations queued behind them (writes
-    /// sharing a checksum page) start only when the store sees earlier ones
-    /// finish. The thread sleeps on the ring's completion eventfd, so an
-    /// idle disk costs nothing.
+    /// A disk whose store is kept moving by a driver task on the caller's
+    /// runtime: applied writes are submitted and left, and operations
+    /// queued behind them (writes sharing a checksum page) start only when
+    /// the store sees earlier ones finish. The task waits on the ring's
+    /// completion eventfd, so an idle disk costs nothing; on the runtime's
+    /// thread (which submitted the writes, and so is woken for their
+    /// completions anyway), it costs no thread a wake-up of its own.
     pub fn new(mut store: ChunkStore) -> std::io::Result<Arc<Disk>> {
-        use std::os::fd::AsRawFd;
         let eventfd = store.completion_eventfd()?;
         let wake = eventfd.try_clone()?;
         let disk = Arc::new(Disk {
@@ -89,29 +90,29 @@ impl Disk {
             wake_driver: Some(wake),
             submit_scheduled: std::sync::atomic::AtomicBool::new(false),
         });
+        // SAFETY: the AsyncFd owns the descriptor, so it stays open and the
+        // same for the AsyncFd's whole life.
+        let completions = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE)
+        }?;
         let weak = Arc::downgrade(&disk);
-        std::thread::Builder::new()
-            .name("chunk-store-driver".into())
-            .spawn(move || loop {
-                let mut count = [0u8; 8];
-                // SAFETY: reading 8 bytes into our buffer from our eventfd.
-                let n = unsafe {
-                    libc::read(eventfd.as_raw_fd(), count.as_mut_ptr().cast(), count.len())
-                };
-                if n < 0
-                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-                {
-                    continue;
+        tokio::spawn(async move {
+            loop {
+                // The eventfd is never read: the runtime's epoll is edge
+                // triggered, and each completion posted signals it again.
+                match completions.readable().await {
+                    Ok(mut ready) => ready.clear_ready(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "waiting on the chunk store failed: its driver stops");
+                        return;
+                    }
                 }
                 let Some(disk) = weak.upgrade() else { return };
-                if n < 0 {
-                    tracing::error!("chunk store completion eventfd failed: the driver stops");
-                    return;
-                }
                 let mut store = disk.store();
                 // Errors fail the disk inside reap; nothing else to do here.
                 let _ = disk.reap(&mut store, None);
-            })?;
+            }
+        });
         Ok(disk)
     }
 
