@@ -562,7 +562,7 @@ impl Chunkserver {
         let admitted = Arc::new(tokio::sync::Semaphore::new(CHUNK_REQUESTS_MAX));
         while let Some(rpc) = inbound.recv().await {
             match rpc.service {
-                Service::Raft => handle_raft(&self.0.groups, rpc),
+                Service::Raft => handle_raft(self.0.config.node_id, &self.0.groups, rpc),
                 Service::Chunk => match Arc::clone(&admitted).try_acquire_owned() {
                     Ok(permit) => {
                         let server = self.clone();

@@ -58,7 +58,15 @@ pub struct Disk {
     wake_driver: Option<std::os::fd::OwnedFd>,
     /// A deferred submission of applied writes is scheduled ([`Disk::submit_soon`]).
     submit_scheduled: std::sync::atomic::AtomicBool,
+    /// Applied writes queued since the last submission, about.
+    queued: std::sync::atomic::AtomicUsize,
 }
+
+/// How long an applied write may wait in the store's queue for others to
+/// share its submission ([`Disk::submit_soon`]).
+pub const APPLY_SUBMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
+/// Applied writes that are submitted at once rather than wait longer.
+pub const APPLY_QUEUE_MAX: usize = 16;
 
 impl Drop for Disk {
     fn drop(&mut self) {
@@ -89,6 +97,7 @@ impl Disk {
             next_token: std::sync::atomic::AtomicU64::new(0),
             wake_driver: Some(wake),
             submit_scheduled: std::sync::atomic::AtomicBool::new(false),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         });
         // SAFETY: the AsyncFd owns the descriptor, so it stays open and the
         // same for the AsyncFd's whole life.
@@ -167,22 +176,32 @@ impl Disk {
         }
     }
 
-    /// Submits the applied writes queued so far once this thread has run
-    /// every other task that is ready, among them the answer to the client
-    /// whose write was just applied: on a leader the answer leaves before
-    /// the submission (a virtio doorbell here, about 14 us of CPU), and on
-    /// a follower the log's append before the apply's. The log holds the
-    /// writes durably meanwhile, and the store orders reads after them
-    /// (a read submits what is queued).
-    fn submit_soon(self: &Arc<Self>) {
+    /// Submits the applied writes queued so far within [`APPLY_SUBMIT_DELAY`],
+    /// or at once when [`APPLY_QUEUE_MAX`] wait. Never before this thread
+    /// has run every other task that is ready, among them the answer to the
+    /// client whose write was just applied: on a leader the answer leaves
+    /// before the submission (a virtio doorbell here, about 14 us of CPU),
+    /// and on a follower the log's append before the apply's. Submitted
+    /// together, the writes share one doorbell and their completions one
+    /// wake-up of this thread. The log holds the writes durably meanwhile,
+    /// and the store orders reads after them (a read submits what is
+    /// queued; so do a snapshot's syncs).
+    fn submit_soon(self: &Arc<Self>, store: &mut ChunkStore) {
         use std::sync::atomic::Ordering;
+        if self.queued.fetch_add(1, Ordering::AcqRel) + 1 >= APPLY_QUEUE_MAX {
+            self.queued.store(0, Ordering::Release);
+            // Errors fail the disk inside reap; the caller's write is in.
+            let _ = self.reap(store, None);
+            return;
+        }
         if self.submit_scheduled.swap(true, Ordering::AcqRel) {
             return;
         }
         let disk = Arc::clone(self);
         tokio::spawn(async move {
-            tokio::task::yield_now().await;
+            tokio::time::sleep(APPLY_SUBMIT_DELAY).await;
             disk.submit_scheduled.store(false, Ordering::Release);
+            disk.queued.store(0, Ordering::Release);
             let mut store = disk.store();
             // A failure fails the disk inside reap; nothing else to do here.
             let _ = disk.reap(&mut store, None);
@@ -421,8 +440,9 @@ impl ChunkMachine {
                 if !store.contains(key) {
                     create(store, key, sn)?;
                 }
-                // Submitted, not waited for: the log holds the write durably,
-                // and the store orders a later read of these pages after it.
+                // Queued (submitted with others soon: `Disk::submit_soon`),
+                // not waited for: the log holds the write durably, and the
+                // store orders a later read of these pages after it.
                 let disk = &self.0.disk;
                 let token = disk
                     .next_token
@@ -446,7 +466,7 @@ impl ChunkMachine {
                 let submitted = store
                     .submit_write(key, sn, offset, buf.freeze(), false, token)
                     .and_then(|()| disk.settle(store, Some(token)));
-                disk.submit_soon();
+                disk.submit_soon(store);
                 match submitted {
                     Ok(()) => Ok(Ok(())),
                     // Deterministic on every replica: an answer, not a failure.

@@ -107,6 +107,18 @@ fn header(kind: u8, group: u64) -> [u8; HEADER_BYTES] {
     h
 }
 
+/// A Raft RPC's header: the service header, then the node it is for (u64
+/// LE). A node answers an RPC for another node with an error: an address
+/// can change hands (a server replaced, a port taken by another process
+/// while its server restarts), and a Raft message must not reach a node
+/// it was not meant for (a leader that gets its own vote back from a
+/// leader elsewhere is a broken invariant in openraft).
+fn raft_header(kind: u8, group: u64, target: u64) -> Vec<u8> {
+    let mut h = header(kind, group).to_vec();
+    h.extend_from_slice(&target.to_le_bytes());
+    h
+}
+
 /// The Raft groups a node serves, by group id.
 pub type Groups = Arc<std::sync::RwLock<HashMap<u64, Raft<TypeConfig>>>>;
 
@@ -690,18 +702,36 @@ async fn yield_to_others() {
 /// Serves incoming Raft RPCs with the node's `groups` until the fabric node
 /// stops (a node that carries only Raft).
 pub async fn serve_raft(
+    node_id: u64,
     groups: Groups,
     mut inbound: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
 ) {
     while let Some(rpc) = inbound.recv().await {
-        handle_raft(&groups, rpc);
+        handle_raft(node_id, &groups, rpc);
     }
 }
 
-/// Serves one incoming Raft RPC on its own task. An RPC for a group the node
-/// does not host goes unanswered (the caller times out and retries, as for a
-/// node that is down).
-pub fn handle_raft(groups: &Groups, rpc: Incoming) {
+/// Serves one incoming Raft RPC for node `node_id` on its own task. An RPC
+/// for a group the node does not host goes unanswered (the caller times out
+/// and retries, as for a node that is down); one for another node is
+/// refused (see [`raft_header`]).
+pub fn handle_raft(node_id: u64, groups: &Groups, mut rpc: Incoming) {
+    let target = rpc
+        .meta
+        .get(..8)
+        .map(|t| u64::from_le_bytes(t.try_into().expect("8 bytes")));
+    if target != Some(node_id) {
+        tracing::warn!(
+            group = rpc.group,
+            ?target,
+            node_id,
+            "a Raft RPC for another node: refused"
+        );
+        rpc.reply
+            .send_bad_request(format!("this is node {node_id}, not node {target:?}"));
+        return;
+    }
+    rpc.meta.drain(..8);
     let raft = groups.read().expect("groups lock").get(&rpc.group).cloned();
     let Some(raft) = raft else {
         tracing::debug!(
@@ -825,7 +855,7 @@ impl PeerClient {
     {
         let body =
             bincode::serialize(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let header = header(kind, self.group).to_vec();
+        let header = raft_header(kind, self.group, self.target);
         self.call_with(header, Body::Bytes(body), option).await
     }
 
@@ -838,7 +868,7 @@ impl PeerClient {
         option: &RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         let encoded = append::encode_request(rpc);
-        let mut header = header(KIND_APPEND, self.group).to_vec();
+        let mut header = raft_header(KIND_APPEND, self.group, self.target);
         header.extend_from_slice(&encoded.header);
         let all_fabric = encoded
             .data

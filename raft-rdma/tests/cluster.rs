@@ -56,7 +56,7 @@ async fn start(id: u64, config: Arc<Config>) -> Node {
     .unwrap();
     let groups = Groups::default();
     groups.write().unwrap().insert(1, raft.clone());
-    let server = tokio::spawn(serve_raft(groups, rx));
+    let server = tokio::spawn(serve_raft(id, groups, rx));
     Node {
         id,
         engine,
@@ -416,4 +416,31 @@ async fn a_malformed_raft_rpc_gets_an_error_answer_and_changes_nothing() {
         .unwrap();
     let all: Vec<&Node> = nodes.iter().collect();
     all_applied(&all, 1).await;
+}
+
+/// A Raft RPC that reaches a node it was not meant for (its address changed
+/// hands) is refused, not handed to that node's Raft: here a vote request
+/// for node 2 sent to node 1's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raft_rpc_for_another_node_is_refused() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    let config = raft_config();
+    let node = start(1, Arc::clone(&config)).await;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let sender = Arc::new(
+        FabricNode::start("127.0.0.1:0".parse().unwrap(), WorkerConfig::default(), tx).unwrap(),
+    );
+    let mut network = Network::new(sender, 1);
+    let mut wrong = network
+        .new_client(2, &BasicNode::new(node.fabric.addr.to_string()))
+        .await;
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, 2), None);
+    let option = RPCOption::new(Duration::from_secs(2));
+    let answer = wrong.vote(vote, option).await;
+    assert!(
+        answer.is_err(),
+        "node 1 answered a vote meant for node 2: {answer:?}"
+    );
+    let m = node.raft.metrics().borrow().clone();
+    assert_ne!(m.vote.leader_id().term, 99, "node 1 took the vote: {m:?}");
 }

@@ -74,7 +74,7 @@ async fn a_hundred_copysets_elect_leaders_and_idle_cheaply() {
             .unwrap();
             groups.write().unwrap().insert(group, raft);
         }
-        tokio::spawn(serve_raft(groups.clone(), rx));
+        tokio::spawn(serve_raft(id, groups.clone(), rx));
         nodes.push(Node {
             id,
             fabric,
