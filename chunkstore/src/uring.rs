@@ -163,11 +163,8 @@ impl Ring {
         buf: &Buf,
         token: u64,
     ) -> Result<(), StoreError> {
-        let index = buf
-            .placement()
-            .fixed_index
-            .ok_or(StoreError::Unregistered)?;
-        self.write_fixed_bytes(slot, offset, buf, index, token)
+        let index = fixed_index(buf)?;
+        self.push(write_sqe(slot, offset, buf, index, token))
     }
 
     /// Queues a write of `buf` at `offset` of the file in `slot`, linked to
@@ -180,17 +177,8 @@ impl Ring {
         buf: &Buf,
         token: u64,
     ) -> Result<(), StoreError> {
-        let index = buf
-            .placement()
-            .fixed_index
-            .ok_or(StoreError::Unregistered)?;
-        let sqe =
-            opcode::WriteFixed::new(types::Fixed(slot), buf.as_ptr(), buf.len() as u32, index)
-                .offset(offset)
-                .build()
-                .flags(squeue::Flags::IO_LINK)
-                .user_data(token);
-        self.push(sqe)
+        let index = fixed_index(buf)?;
+        self.push(write_sqe(slot, offset, buf, index, token).flags(squeue::Flags::IO_LINK))
     }
 
     /// Queues a write of `bytes`, which lie in fixed buffer `index`, at `offset`.
@@ -203,16 +191,7 @@ impl Ring {
         index: u16,
         token: u64,
     ) -> Result<(), StoreError> {
-        let sqe = opcode::WriteFixed::new(
-            types::Fixed(slot),
-            bytes.as_ptr(),
-            bytes.len() as u32,
-            index,
-        )
-        .offset(offset)
-        .build()
-        .user_data(token);
-        self.push(sqe)
+        self.push(write_sqe(slot, offset, bytes, index, token))
     }
 
     /// Queues an fdatasync of the file in `slot`. The store issues it once the
@@ -293,6 +272,24 @@ impl Ring {
         }
         self.in_flight -= out.len();
     }
+}
+
+/// The fixed buffer `buf` lies in: it must come from the registered arena.
+fn fixed_index(buf: &Buf) -> Result<u16, StoreError> {
+    buf.placement().fixed_index.ok_or(StoreError::Unregistered)
+}
+
+/// A write of `bytes` (in fixed buffer `index`) at `offset` of the file in `slot`.
+fn write_sqe(slot: u32, offset: u64, bytes: &[u8], index: u16, token: u64) -> squeue::Entry {
+    opcode::WriteFixed::new(
+        types::Fixed(slot),
+        bytes.as_ptr(),
+        bytes.len() as u32,
+        index,
+    )
+    .offset(offset)
+    .build()
+    .user_data(token)
 }
 
 /// Opens `path` for reading and writing with O_DIRECT, or, on a filesystem

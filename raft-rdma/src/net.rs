@@ -715,7 +715,7 @@ pub async fn serve_raft(
 /// for a group the node does not host goes unanswered (the caller times out
 /// and retries, as for a node that is down); one for another node is
 /// refused (see [`raft_header`]).
-pub fn handle_raft(node_id: u64, groups: &Groups, mut rpc: Incoming) {
+pub fn handle_raft(node_id: u64, groups: &Groups, rpc: Incoming) {
     let target = rpc
         .meta
         .get(..8)
@@ -731,7 +731,6 @@ pub fn handle_raft(node_id: u64, groups: &Groups, mut rpc: Incoming) {
             .send_bad_request(format!("this is node {node_id}, not node {target:?}"));
         return;
     }
-    rpc.meta.drain(..8);
     let raft = groups.read().expect("groups lock").get(&rpc.group).cloned();
     let Some(raft) = raft else {
         tracing::debug!(
@@ -749,7 +748,8 @@ pub fn handle_raft(node_id: u64, groups: &Groups, mut rpc: Incoming) {
             ..
         } = rpc;
         let answered = match kind {
-            KIND_APPEND => match append::decode_request(&meta, &body) {
+            // Past the target node, checked above.
+            KIND_APPEND => match append::decode_request(&meta[8..], &body) {
                 Ok(request) => {
                     // The entries hold what they need of the buffer.
                     drop(body);

@@ -36,8 +36,8 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
-
 use std::thread::JoinHandle;
+
 use tokio::io::unix::AsyncFd;
 
 use quiver_chunkstore::flush::DeviceFlush;
@@ -937,9 +937,8 @@ struct Writer {
     /// Completions taken from the ring (kept, so waiting allocates nothing).
     cqes: Vec<quiver_chunkstore::uring::Cqe>,
     reaped: Vec<quiver_chunkstore::uring::Cqe>,
-    /// The ring's completion eventfd: made at start, waited on by the task
-    /// once it runs (an `AsyncFd` is registered with the runtime it runs on).
-    eventfd: Option<OwnedFd>,
+    /// The ring's completion eventfd, once the task runs (an `AsyncFd` is
+    /// registered with the runtime it runs on).
     completions: Option<AsyncFd<OwnedFd>>,
 }
 
@@ -963,9 +962,6 @@ impl Writer {
         .map_err(|e| LogError::Ring(format!("log write buffers: {e}")))?;
         let mut ring = Ring::new(8, 2)?;
         ring.register_arena(&arena)?;
-        let eventfd = ring
-            .completion_eventfd()
-            .map_err(io_error("making the completion eventfd of", &config.dir))?;
         let (file, tail) = match (segments.last(), tail) {
             (Some(last), Some(tail)) if tail + 2 * (PAGE_BYTES as u64) <= config.segment_bytes => {
                 let file = open_segment(&last.path, false)?;
@@ -1025,7 +1021,6 @@ impl Writer {
             free,
             cqes: Vec::with_capacity(2),
             reaped: Vec::with_capacity(2),
-            eventfd: Some(eventfd),
             completions: None,
             encoded_entries: Vec::new(),
             segments_in_use,
@@ -1051,7 +1046,10 @@ impl Writer {
     /// What the writer must do before its first request: wait on its ring
     /// from the runtime it runs on, and start a new segment with metadata.
     async fn begin(&mut self) -> Result<(), LogError> {
-        let eventfd = self.eventfd.take().expect("begun once");
+        let eventfd = self.ring.completion_eventfd().map_err(io_error(
+            "making the completion eventfd of",
+            &self.config.dir,
+        ))?;
         // SAFETY: the AsyncFd owns the descriptor, so it stays open and the
         // same for the AsyncFd's whole life.
         let completions =
