@@ -678,7 +678,7 @@ fn bench_replication(args: BenchReplication) -> anyhow::Result<()> {
     // The client's side of the fabric on one thread too, as the servers'.
     let runtime = raft_runtime()?;
     let cluster = runtime.block_on(Cluster::start(&setup))?;
-    let (mut ours, mut disk, mut net) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut disk, mut net, mut floor) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.runs {
         let say = |what: &str| {
             if !args.json {
@@ -691,6 +691,16 @@ fn bench_replication(args: BenchReplication) -> anyhow::Result<()> {
         disk.push(Figures::of(&replication::chunkstore_baseline(&mut store)?));
         say("fabric round trip");
         net.push(Figures::of(&replication::fabric_baseline(&setup)?));
+        if setup.iodepth == 1 {
+            say("pipeline (the replicated write as bare threads)");
+            floor.push(Figures::of(&bench::pipeline::run(
+                &dir.join("replication-pipeline"),
+                setup.bs,
+                Limit::Duration(setup.duration),
+                setup.warmup.max(16),
+                setup.device_flush,
+            )?));
+        }
     }
     drop(cluster);
     drop(store);
@@ -700,6 +710,7 @@ fn bench_replication(args: BenchReplication) -> anyhow::Result<()> {
         Figures::median(&ours),
         Figures::median(&disk),
         Figures::median(&net),
+        (!floor.is_empty()).then(|| Figures::median(&floor)),
     );
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

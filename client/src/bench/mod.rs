@@ -5,6 +5,7 @@ pub mod baseline;
 pub mod chunkstore;
 pub mod fabric;
 pub mod fio;
+pub mod pipeline;
 pub mod raftlog;
 pub mod replication;
 pub mod report;

@@ -1,7 +1,8 @@
 //! `quiver bench replication`: writes replicated three ways by copysets of
 //! chunkserver processes, beside the two costs they are made of, measured in
 //! the same run: one node's chunk store writing with fdatasync (`chunkstore`)
-//! and a fabric round trip of the same size (`fabric`).
+//! and a fabric round trip of the same size (`fabric`); at iodepth 1 also
+//! the replicated write as bare threads (`pipeline`, see its module).
 //!
 //! A replicated write costs at best one durable write (the leader's log
 //! append and the followers' run in parallel) plus two network hops (client

@@ -210,13 +210,15 @@ impl Report {
         report
     }
 
-    /// The report of `bench replication`: baselines `chunkstore` and `fabric`.
+    /// The report of `bench replication`: baselines `chunkstore` and
+    /// `fabric` (the target's terms), and `pipeline` where measured.
     pub fn replication(
         setup: &super::replication::Setup,
         runs: usize,
         ours: Figures,
         chunkstore: Figures,
         fabric: Figures,
+        pipeline: Option<Figures>,
     ) -> Report {
         let title = format!(
             "bench replication: 3-replica writes, {} bytes, iodepth {}, {} copysets on {} chunkservers, {} writes per run{}",
@@ -263,7 +265,19 @@ impl Report {
                 report.p50_us / target
             ),
         ];
-        report.add_baselines(vec![chunkstore, fabric]);
+        let mut baselines = vec![chunkstore, fabric];
+        if let Some(pipeline) = pipeline {
+            report.notes.push(format!(
+                "pipeline: the same replicated write as bare threads (blocking loopback TCP, \
+                 O_DIRECT write and flush on each replica, answer after the leader and one \
+                 follower): {:.1} us p50, {:.2}x the target; quiver is at {:.2}x of it",
+                pipeline.p50_us,
+                pipeline.p50_us / target,
+                report.p50_us / pipeline.p50_us
+            ));
+            baselines.push(pipeline);
+        }
+        report.add_baselines(baselines);
         report
     }
 
