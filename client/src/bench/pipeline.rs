@@ -138,15 +138,16 @@ fn follower(mut leader: TcpStream, mut replica: Replica) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Blocks until at least one follower has acknowledged `round` requests,
+/// Blocks until `needed` followers have acknowledged `round` requests,
 /// counting every acknowledgement that has arrived.
-fn await_first_ack(
+fn await_acks(
     followers: &mut [TcpStream],
     acked: &mut [u64],
     round: u64,
+    needed: usize,
 ) -> anyhow::Result<()> {
     let mut bytes = [0u8; 64];
-    while !acked.iter().any(|&a| a >= round) {
+    while acked.iter().filter(|&&a| a >= round).count() < needed {
         let mut fds: Vec<libc::pollfd> = followers
             .iter()
             .map(|f| libc::pollfd {
@@ -189,11 +190,13 @@ fn leader(
             f.write_all(&request).context("forwarding")?;
         }
         replica.append(&request)?;
-        await_first_ack(&mut followers, &mut acked, round)?;
+        await_acks(&mut followers, &mut acked, round, 1)?;
         client.write_all(&[1]).context("answering")?;
     }
-    // Dropping the followers' streams ends them.
-    Ok(())
+    // Every acknowledgement read before the streams close (unread bytes
+    // would make the close a reset); then closing them ends the followers.
+    let all = followers.len();
+    await_acks(&mut followers, &mut acked, round, all)
 }
 
 /// Runs the pipeline for `limit` after `warmup` writes, at iodepth 1, with
