@@ -167,10 +167,12 @@ impl Ring {
         self.push(write_sqe(slot, offset, buf, index, token))
     }
 
-    /// Queues a write of `buf` at `offset` of the file in `slot`, linked to
-    /// the operation queued next: that one starts only after this write
-    /// completed in full, and fails with `ECANCELED` if it did not.
-    pub fn write_fixed_linked(
+    /// Queues a write of `buf` at `offset` of the file in `slot` that
+    /// completes only once durable (`RWF_DSYNC`: the filesystem syncs the
+    /// written range and flushes the device cache, or writes FUA): one
+    /// request where a write linked to an fdatasync takes two, and no io-wq
+    /// thread and no wake-up of ours between them.
+    pub fn write_fixed_durable(
         &mut self,
         slot: u32,
         offset: u64,
@@ -178,7 +180,12 @@ impl Ring {
         token: u64,
     ) -> Result<(), StoreError> {
         let index = fixed_index(buf)?;
-        self.push(write_sqe(slot, offset, buf, index, token).flags(squeue::Flags::IO_LINK))
+        self.push(
+            write_op(slot, offset, buf, index)
+                .rw_flags(libc::RWF_DSYNC)
+                .build()
+                .user_data(token),
+        )
     }
 
     /// Queues a write of `bytes`, which lie in fixed buffer `index`, at `offset`.
@@ -281,6 +288,12 @@ fn fixed_index(buf: &Buf) -> Result<u16, StoreError> {
 
 /// A write of `bytes` (in fixed buffer `index`) at `offset` of the file in `slot`.
 fn write_sqe(slot: u32, offset: u64, bytes: &[u8], index: u16, token: u64) -> squeue::Entry {
+    write_op(slot, offset, bytes, index)
+        .build()
+        .user_data(token)
+}
+
+fn write_op(slot: u32, offset: u64, bytes: &[u8], index: u16) -> opcode::WriteFixed {
     opcode::WriteFixed::new(
         types::Fixed(slot),
         bytes.as_ptr(),
@@ -288,8 +301,6 @@ fn write_sqe(slot: u32, offset: u64, bytes: &[u8], index: u16, token: u64) -> sq
         index,
     )
     .offset(offset)
-    .build()
-    .user_data(token)
 }
 
 /// Opens `path` for reading and writing with O_DIRECT, or, on a filesystem
