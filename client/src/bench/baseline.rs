@@ -44,6 +44,19 @@ pub fn raw_tcp_spin(w: &Workload) -> anyhow::Result<RunStats> {
     raw_tcp_with(w, true)
 }
 
+/// A connected pair of loopback TCP sockets (client end, server end), Nagle
+/// off. Connected before accepted (the kernel completes the handshake into
+/// the backlog), so a thread given the server end only ever gets a connected
+/// socket and cannot be left blocked in accept() should the client side fail.
+pub fn loopback_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
+    let client = TcpStream::connect(listener.local_addr()?).context("connecting on loopback")?;
+    let (server, _) = listener.accept().context("accepting on loopback")?;
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    Ok((client, server))
+}
+
 fn raw_tcp_with(w: &Workload, spin: bool) -> anyhow::Result<RunStats> {
     let name = if spin { "raw-tcp-spin" } else { "raw-tcp" };
     ensure!(
@@ -51,15 +64,7 @@ fn raw_tcp_with(w: &Workload, spin: bool) -> anyhow::Result<RunStats> {
         "request size {} does not fit a u32 length",
         w.size
     );
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding the raw-tcp listener")?;
-    // Connect before accepting (the kernel completes the handshake into the
-    // backlog): the server thread then only ever gets a connected socket and
-    // cannot be left blocked in accept() should the client side fail.
-    let client = TcpStream::connect(listener.local_addr()?).context("connecting raw-tcp")?;
-    let (server_sock, _) = listener.accept().context("accepting raw-tcp")?;
-    drop(listener);
-    client.set_nodelay(true)?;
-    server_sock.set_nodelay(true)?;
+    let (client, server_sock) = loopback_pair()?;
     client.set_nonblocking(spin)?;
     server_sock.set_nonblocking(spin)?;
 

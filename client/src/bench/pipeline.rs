@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -26,6 +26,7 @@ use anyhow::Context;
 use quiver_chunkstore::flush::DeviceFlush;
 use quiver_chunkstore::uring::open_direct;
 
+use super::baseline::loopback_pair;
 use super::{Deadline, Limit, RunStats};
 
 /// Bytes of each replica's file: blocks are written round-robin over it.
@@ -102,22 +103,6 @@ impl Replica {
         }
         Ok(())
     }
-}
-
-fn loopback_listener() -> anyhow::Result<TcpListener> {
-    TcpListener::bind("127.0.0.1:0").context("binding a loopback port")
-}
-
-fn accept_one(listener: &TcpListener) -> anyhow::Result<TcpStream> {
-    let (stream, _) = listener.accept().context("accepting")?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-fn connect(listener: &TcpListener) -> anyhow::Result<TcpStream> {
-    let stream = TcpStream::connect(listener.local_addr()?).context("connecting")?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 /// Reads one request, or `None` at end of stream.
@@ -209,19 +194,16 @@ pub fn run(
     device_flush: bool,
 ) -> anyhow::Result<RunStats> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let to_leader = loopback_listener()?;
-    let to_followers = [loopback_listener()?, loopback_listener()?];
     let mut threads = Vec::new();
     let mut follower_streams = Vec::new();
-    for (i, listener) in to_followers.iter().enumerate() {
+    for i in 0..2 {
         let replica = Replica::open(dir, &format!("follower{i}"), bs, device_flush)?;
-        follower_streams.push(connect(listener)?);
-        let stream = accept_one(listener)?;
-        threads.push(thread::spawn(move || follower(stream, replica)));
+        let (to_follower, at_follower) = loopback_pair()?;
+        follower_streams.push(to_follower);
+        threads.push(thread::spawn(move || follower(at_follower, replica)));
     }
     let replica = Replica::open(dir, "leader", bs, device_flush)?;
-    let mut client = connect(&to_leader)?;
-    let at_leader = accept_one(&to_leader)?;
+    let (mut client, at_leader) = loopback_pair()?;
     threads.push(thread::spawn(move || {
         leader(at_leader, follower_streams, replica)
     }));

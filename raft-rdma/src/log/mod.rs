@@ -5,9 +5,9 @@
 //! written by one writer through io_uring with O_DIRECT: it takes every
 //! request queued since its last write, writes them as one batch (padded to
 //! 4 KiB) with `RWF_DSYNC`, so the one write completes once durable, and only
-//! then reports each request durable (group commit). The writer is an async task ([`LogConfig::runtime`]): it
-//! waits for its ring's completions on an eventfd, so it shares the thread
-//! Raft runs on without blocking it. Appends are visible to readers at once (Raft reads entries
+//! then reports each request durable (group commit). The writer is an async
+//! task ([`LogConfig::runtime`]): it waits for its ring's completions on an
+//! eventfd, so it shares the thread Raft runs on without blocking it. Appends are visible to readers at once (Raft reads entries
 //! back to replicate them before they are durable); their durability is
 //! reported through the callback. An entry's data stay in memory as given
 //! (a fabric buffer, on the write path) until the Raft layer has applied it
@@ -1226,12 +1226,11 @@ impl Writer {
         if then_sync {
             self.ring
                 .write_fixed_durable(SEGMENT_SLOT, self.tail, &buf, WRITE_TOKEN)?;
-            self.complete(1).await?;
         } else {
             self.ring
                 .write_fixed(SEGMENT_SLOT, self.tail, &buf, WRITE_TOKEN)?;
-            self.complete(1).await?;
         }
+        self.complete(1).await?;
         let written = self.result_of(WRITE_TOKEN, "writing")?;
         if written as usize != padded {
             return Err(LogError::Io {
