@@ -644,13 +644,13 @@ impl Chunkserver {
                     self.ensure_leader_reads(copyset, &c).await?;
                 }
                 let key = ChunkKey { copyset, chunk };
-                let disk = &self.0.disk;
-                let mut store = disk.store();
-                let data = store.read(key, offset, len as usize).map_err(chunk_error)?;
-                let data = data.to_vec();
-                // Applied writes that finished meanwhile wait in the store.
-                disk.reap(&mut store, None).map_err(chunk_error)?;
-                Ok(data)
+                let data = self
+                    .0
+                    .disk
+                    .read(key, offset, len as usize)
+                    .await
+                    .map_err(chunk_error)?;
+                Ok(data.to_vec())
             }
             Request::Leader => {
                 let c = self.copyset(copyset)?;

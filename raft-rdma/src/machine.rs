@@ -60,7 +60,16 @@ pub struct Disk {
     submit_scheduled: std::sync::atomic::AtomicBool,
     /// Applied writes queued since the last submission, about.
     queued: std::sync::atomic::AtomicUsize,
+    /// Reads in flight ([`Disk::read`]), by token: each completion goes to
+    /// its reader, whoever collects it.
+    reads: Mutex<std::collections::HashMap<u64, ReadDone>>,
 }
+
+/// Where a read's data or error goes.
+type ReadDone = tokio::sync::oneshot::Sender<Result<quiver_fabric::arena::Buf, StoreError>>;
+
+/// Tokens of reads have this bit; applied writes count up from 0 below it.
+const READ_TOKEN: u64 = 1 << 62;
 
 /// How long an applied write may wait in the store's queue for others to
 /// share its submission ([`Disk::submit_soon`]).
@@ -98,6 +107,7 @@ impl Disk {
             wake_driver: Some(wake),
             submit_scheduled: std::sync::atomic::AtomicBool::new(false),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            reads: Mutex::new(std::collections::HashMap::new()),
         });
         // SAFETY: the AsyncFd owns the descriptor, so it stays open and the
         // same for the AsyncFd's whole life.
@@ -131,6 +141,66 @@ impl Disk {
         self.store.lock().expect("chunk store lock")
     }
 
+    /// Reads `len` bytes of a chunk without holding the runtime's thread
+    /// while the disk works: the read is submitted (after any applied
+    /// writes queued before it, which it is ordered behind), and its
+    /// completion reaches this future through whoever collects the store's
+    /// completions next, usually the driver task. Many reads can be in
+    /// flight at once; before, each one blocked every copyset of the disk
+    /// for its whole O_DIRECT read.
+    pub async fn read(
+        &self,
+        key: ChunkKey,
+        offset: u64,
+        len: usize,
+    ) -> Result<quiver_fabric::arena::Buf, StoreError> {
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            | READ_TOKEN;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut store = self.store();
+            let target = store
+                .arena()
+                .alloc(len)
+                .map_err(|e| StoreError::NoBuffer(e.to_string()))?;
+            self.reads.lock().expect("disk lock").insert(token, tx);
+            let submitted = store
+                .submit_read(key, offset, target, token)
+                .and_then(|()| self.reap(&mut store, None));
+            if let Err(e) = submitted {
+                self.reads.lock().expect("disk lock").remove(&token);
+                return Err(e);
+            }
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Io {
+                op: "reading",
+                path: PathBuf::from("(the chunk store closed with the read in flight)"),
+                errno: quiver_chunkstore::IoErrno::Cancelled,
+            })
+        })
+    }
+
+    /// A finished operation: a read's goes to its reader (and `None` comes
+    /// back), anything else is the caller's.
+    fn route(&self, done: quiver_chunkstore::Done) -> Option<quiver_chunkstore::Done> {
+        if done.token & READ_TOKEN == 0 {
+            return Some(done);
+        }
+        let reader = self.reads.lock().expect("disk lock").remove(&done.token);
+        if let Some(reader) = reader {
+            // The reader may have gone (its request dropped): the buffer
+            // then returns to the arena here.
+            let _ = reader.send(
+                done.result
+                    .map(|data| data.expect("a read returns its data")),
+            );
+        }
+        None
+    }
+
     /// Collects finished applied writes without waiting. A failed one fails
     /// the disk (its write was answered already: only stopping is left). The
     /// error of the write `token`, if it finished, is returned instead.
@@ -157,7 +227,10 @@ impl Disk {
                 false => Ok(store.finished()),
             };
             let done = match next {
-                Ok(Some(done)) => done,
+                Ok(Some(done)) => match self.route(done) {
+                    Some(done) => done,
+                    None => continue,
+                },
                 Ok(None) => break,
                 Err(e) => {
                     self.fail(e.clone());
@@ -452,7 +525,7 @@ impl ChunkMachine {
                         Ok(buf) => break buf,
                         // Buffers of writes in flight: wait for one to finish.
                         Err(_) if store.in_flight() > 0 => {
-                            if let Some(done) = store.poll(true)? {
+                            if let Some(done) = store.poll(true)?.and_then(|d| disk.route(d)) {
                                 if let Err(e) = done.result {
                                     disk.fail(e.clone());
                                     return Err(e);

@@ -3,50 +3,26 @@
 //! in it until applied: this must not starve the node of buffers (found by
 //! review: with every body kept, 80 concurrent writes wedged the copyset).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{tcp_worker_config, three_chunkservers};
 use quiver_raft::chunk_client::ChunkClient;
-use quiver_raft::chunkserver::{Chunkserver, ChunkserverConfig, RaftTuning};
-
-fn worker_config() -> quiver_fabric::WorkerConfig {
-    quiver_fabric::WorkerConfig {
-        transport: quiver_fabric::TransportChoice::Tcp,
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_and_twenty_eight_large_writes_at_once_all_land() {
     let root = tempfile::tempdir().unwrap();
-    let mut servers = Vec::new();
-    for node in 1..=3u64 {
-        let mut config = ChunkserverConfig::new(
-            node,
-            "127.0.0.1:0".parse().unwrap(),
-            root.path().join(format!("n{node}")),
-        );
-        config.transport = "tcp".into();
-        config.pool_files = 8;
-        config.log_segment_mib = 16;
-        config.arena_mib = 16;
-        config.device_flush = false;
-        config.raft = RaftTuning {
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
-            ..RaftTuning::default()
-        };
-        servers.push(Chunkserver::start(config).await.unwrap());
-    }
-    let admin = ChunkClient::start(worker_config()).unwrap();
-    let peers: BTreeMap<u64, String> = servers
+    let (servers, addrs) = three_chunkservers(root.path()).await;
+    let admin = ChunkClient::start(tcp_worker_config()).unwrap();
+    let peers: BTreeMap<u64, String> = addrs
         .iter()
         .enumerate()
-        .map(|(i, s)| (i as u64 + 1, s.addr().to_string()))
+        .map(|(i, a)| (i as u64 + 1, a.to_string()))
         .collect();
     admin.create_copyset(1, &peers).await.unwrap();
-    let addrs: Vec<_> = servers.iter().map(|s| s.addr()).collect();
     admin
         .write(&addrs, 1, 100, 0, 0, &[1u8; 4096])
         .await
@@ -58,7 +34,7 @@ async fn a_hundred_and_twenty_eight_large_writes_at_once_all_land() {
     let data = |i: usize| vec![(i % 251) as u8; BIG];
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let client = Arc::new(ChunkClient::start(worker_config()).unwrap());
+        let client = Arc::new(ChunkClient::start(tcp_worker_config()).unwrap());
         for j in 0..per {
             let (client, addrs) = (Arc::clone(&client), addrs.clone());
             let i = c * per + j;

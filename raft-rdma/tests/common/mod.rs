@@ -135,3 +135,43 @@ impl RecordingMachine {
         self.state.lock().unwrap().applied.clone()
     }
 }
+
+/// The fabric on TCP, for a test's clients.
+pub fn tcp_worker_config() -> quiver_fabric::WorkerConfig {
+    quiver_fabric::WorkerConfig {
+        transport: quiver_fabric::TransportChoice::Tcp,
+        ..Default::default()
+    }
+}
+
+/// Three chunkservers in this process on loopback TCP, small and quick to
+/// start, with their addresses.
+pub async fn three_chunkservers(
+    root: &std::path::Path,
+) -> (
+    Vec<quiver_raft::chunkserver::Chunkserver>,
+    Vec<std::net::SocketAddr>,
+) {
+    use quiver_raft::chunkserver::{Chunkserver, ChunkserverConfig, RaftTuning};
+    let mut servers = Vec::new();
+    for node in 1..=3u64 {
+        let mut config = ChunkserverConfig::new(
+            node,
+            "127.0.0.1:0".parse().unwrap(),
+            root.join(format!("n{node}")),
+        );
+        config.transport = "tcp".into();
+        config.pool_files = 8;
+        config.log_segment_mib = 16;
+        config.arena_mib = 16;
+        config.device_flush = false;
+        config.raft = RaftTuning {
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            ..RaftTuning::default()
+        };
+        servers.push(Chunkserver::start(config).await.unwrap());
+    }
+    let addrs = servers.iter().map(|s| s.addr()).collect();
+    (servers, addrs)
+}
