@@ -544,6 +544,10 @@ impl Chunkserver {
         for (_, c) in copysets {
             let _ = c.raft.shutdown().await;
         }
+        // Every Raft is down, so nothing appends: the writer finishes what
+        // is queued and lets go of the segments before this returns (a
+        // restart in the same process then opens a log no one else writes).
+        self.0.engine.stop().await;
         // Applied writes left their checksum pages for the next sync: write
         // them now, so a clean restart reads every page at once (a crash
         // relies on Raft's replay instead).

@@ -703,3 +703,78 @@ fn a_writer_on_the_callers_runtime_does_not_block_it() {
     let log = LogEngine::open(small(dir.path())).unwrap();
     check(&log, 1, 1, APPENDS + 1);
 }
+
+/// Stopping a writer that runs as a task waits for it: what was queued
+/// before is durable, later appends fail, and the log reopens at once in
+/// the same runtime with no other writer on its files.
+#[test]
+fn stopping_a_task_writer_waits_for_it_and_the_log_reopens_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    const APPENDS: u64 = 100;
+    runtime.block_on(async {
+        let config = || LogConfig {
+            runtime: Some(tokio::runtime::Handle::current()),
+            ..small(dir.path())
+        };
+        let log = LogEngine::open(config()).unwrap();
+        // All queued before the stop, none waited for.
+        let mut durable = Vec::new();
+        for i in 1..=APPENDS {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            log.append(
+                1,
+                entries(1, i, i + 1),
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .unwrap();
+            durable.push(rx);
+        }
+        log.stop().await;
+        for (i, mut rx) in durable.into_iter().enumerate() {
+            let r = rx.try_recv();
+            assert!(
+                matches!(r, Ok(Ok(()))),
+                "append {} not durable when stop returned: {r:?}",
+                i + 1
+            );
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let after = log.append(
+            1,
+            entries(1, APPENDS + 1, APPENDS + 2),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let failed = match after {
+            Err(_) => true,
+            Ok(()) => !matches!(rx.await, Ok(Ok(()))),
+        };
+        assert!(failed, "an append after stop succeeded");
+        let reopened = LogEngine::open(config()).unwrap();
+        check(&reopened, 1, 1, APPENDS + 1);
+        append_async(&reopened, 1, APPENDS + 1, APPENDS + 10).await;
+        check(&reopened, 1, 1, APPENDS + 10);
+        reopened.stop().await;
+        drop(log);
+    });
+}
+
+async fn append_async(log: &LogEngine, group: u64, from: u64, to: u64) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    log.append(
+        group,
+        entries(group, from, to),
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    )
+    .unwrap();
+    rx.await.unwrap().unwrap();
+}

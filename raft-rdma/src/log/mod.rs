@@ -433,6 +433,9 @@ pub struct LogEngine {
     tx: tokio::sync::mpsc::UnboundedSender<Op>,
     /// The writer's own thread, where it has one.
     writer: Option<JoinHandle<()>>,
+    /// The writer's task, where it runs on the caller's runtime
+    /// ([`LogConfig::runtime`]): [`LogEngine::stop`] waits for it.
+    writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl LogEngine {
@@ -549,9 +552,10 @@ impl LogEngine {
             Arc::clone(&segments_in_use),
         )?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut task = None;
         let thread = match runtime {
             Some(runtime) => {
-                runtime.spawn(writer.run(rx));
+                task = Some(runtime.spawn(writer.run(rx)));
                 None
             }
             None => {
@@ -572,7 +576,24 @@ impl LogEngine {
             segments_in_use,
             tx,
             writer: thread,
+            writer_task: Mutex::new(task),
         })
+    }
+
+    /// Stops the writer once the requests queued before this call are
+    /// written and durable (their callbacks called), and, where the writer
+    /// is a task on the caller's runtime, waits until it has ended and let
+    /// go of its files: a log reopened after this has no writer but its
+    /// own. (Dropping the engine stops the writer too, but a task cannot be
+    /// waited for in a drop.) Appends after this fail.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Op::Stop);
+        let task = self.writer_task.lock().expect("writer task lock").take();
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "the log writer's task ended abnormally");
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -885,7 +906,7 @@ impl LogEngine {
 impl Drop for LogEngine {
     /// Stops the writer after the requests queued before; waits for it where
     /// it has a thread (a task on the caller's runtime cannot be waited for
-    /// here, and stops on its own).
+    /// here, and stops on its own: [`LogEngine::stop`] waits for it).
     fn drop(&mut self) {
         let _ = self.tx.send(Op::Stop);
         if let Some(t) = self.writer.take() {
