@@ -441,7 +441,7 @@ fn chunkserver(path: &std::path::Path) -> anyhow::Result<()> {
     let config = ChunkserverConfig::load(path)?;
     raft_runtime()?.block_on(async move {
         let server = Chunkserver::start(config).await?;
-        eprintln!("quiver chunkserver: serving on {}", server.addr());
+        eprintln!("{}{}", bench::replication::SERVING, server.addr());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

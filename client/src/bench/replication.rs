@@ -13,7 +13,7 @@
 //! own chunk at random block-aligned offsets, one write at a time.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -77,8 +77,29 @@ impl Drop for Servers {
     }
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// What a chunkserver prints once it serves (`quiver chunkserver`).
+pub const SERVING: &str = "quiver chunkserver: serving on ";
+
+/// Passes a started chunkserver's stderr on to ours and sends the address
+/// it says it serves on: each binds a port of its own choosing, so no two
+/// processes race for one picked in advance.
+fn forward_stderr(child: &mut Child, serving: std::sync::mpsc::Sender<SocketAddr>) {
+    use std::io::BufRead;
+    let Some(stderr) = child.stderr.take() else {
+        return;
+    };
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if let Some(addr) = line
+                .strip_prefix(SERVING)
+                .and_then(|a| a.trim().parse().ok())
+            {
+                let _ = serving.send(addr);
+            }
+            eprintln!("{line}");
+        }
+    });
 }
 
 /// Starts `count` chunkservers of this binary on loopback, data under `dir`.
@@ -99,22 +120,28 @@ fn start_servers(s: &Setup, dir: &Path) -> anyhow::Result<Servers> {
         dir: Some(dir.to_owned()),
     };
     for node in 1..=s.chunkservers as u64 {
-        let addr = free_port()?;
         let data = dir.join(format!("node{node}"));
         let config = dir.join(format!("node{node}.toml"));
-        let mut cs = ChunkserverConfig::new(node, addr, data);
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut cs = ChunkserverConfig::new(node, any_port, data);
         cs.transport = transport.to_string();
         cs.pool_files = pool_files;
         cs.spin_us = s.fabric.spin.as_micros() as u64;
         cs.device_flush = s.device_flush;
         std::fs::write(&config, cs.to_toml())?;
-        let child = Command::new(&exe)
+        let mut child = Command::new(&exe)
             .args(["chunkserver", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("starting a chunkserver")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        forward_stderr(&mut child, tx);
         servers.children.push(child);
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("chunkserver {node} did not say where it serves"))?;
         servers.addrs.push(addr);
         servers.nodes.insert(node, addr);
     }
