@@ -667,16 +667,7 @@ fn a_writer_on_the_callers_runtime_does_not_block_it() {
             }
         });
         for i in 1..=APPENDS {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            log.append(
-                1,
-                entries(1, i, i + 1),
-                Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            )
-            .unwrap();
-            rx.await.unwrap().unwrap();
+            append_async(&log, 1, i, i + 1).await;
         }
         ticker.abort();
         let stats = log.stats();
@@ -724,16 +715,7 @@ fn stopping_a_task_writer_waits_for_it_and_the_log_reopens_at_once() {
         // All queued before the stop, none waited for.
         let mut durable = Vec::new();
         for i in 1..=APPENDS {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            log.append(
-                1,
-                entries(1, i, i + 1),
-                Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            )
-            .unwrap();
-            durable.push(rx);
+            durable.push(append_queued(&log, 1, i, i + 1).unwrap());
         }
         log.stop().await;
         for (i, mut rx) in durable.into_iter().enumerate() {
@@ -744,17 +726,9 @@ fn stopping_a_task_writer_waits_for_it_and_the_log_reopens_at_once() {
                 i + 1
             );
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let after = log.append(
-            1,
-            entries(1, APPENDS + 1, APPENDS + 2),
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        let failed = match after {
+        let failed = match append_queued(&log, 1, APPENDS + 1, APPENDS + 2) {
             Err(_) => true,
-            Ok(()) => !matches!(rx.await, Ok(Ok(()))),
+            Ok(rx) => !matches!(rx.await, Ok(Ok(()))),
         };
         assert!(failed, "an append after stop succeeded");
         let reopened = LogEngine::open(config()).unwrap();
@@ -766,7 +740,14 @@ fn stopping_a_task_writer_waits_for_it_and_the_log_reopens_at_once() {
     });
 }
 
-async fn append_async(log: &LogEngine, group: u64, from: u64, to: u64) {
+/// Queues an append on a log whose writer is a task; the receiver says
+/// when it is durable.
+fn append_queued(
+    log: &LogEngine,
+    group: u64,
+    from: u64,
+    to: u64,
+) -> Result<tokio::sync::oneshot::Receiver<Result<(), LogError>>, LogError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     log.append(
         group,
@@ -774,7 +755,14 @@ async fn append_async(log: &LogEngine, group: u64, from: u64, to: u64) {
         Box::new(move |r| {
             let _ = tx.send(r);
         }),
-    )
-    .unwrap();
-    rx.await.unwrap().unwrap();
+    )?;
+    Ok(rx)
+}
+
+async fn append_async(log: &LogEngine, group: u64, from: u64, to: u64) {
+    append_queued(log, group, from, to)
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
 }
