@@ -3,12 +3,15 @@
 //! `quiver status` from beside its directory, stops cleanly on Ctrl-C, and
 //! a second run finds the data where the first left it.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use common::free_ports;
 
 fn have(tool: &str) -> bool {
     let found = Command::new("sh")
@@ -23,21 +26,6 @@ fn have(tool: &str) -> bool {
         eprintln!("skipping: {tool} not installed (.ci/setup installs qemu-utils, libnbd-bin)");
     }
     found
-}
-
-/// A base port with the three after it free too (the chunkservers' ports).
-fn free_ports() -> u16 {
-    for _ in 0..100 {
-        let base = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if base < 65000 && (1..=3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no four consecutive free ports");
 }
 
 struct Playground {
@@ -127,7 +115,8 @@ fn the_playground_serves_nbd_clients_and_keeps_its_data() {
         return;
     }
     let cwd = tempfile::tempdir().unwrap();
-    let (control, nbd) = (free_ports(), free_ports());
+    // The control's port and the three chunkservers' after it.
+    let (control, nbd) = (free_ports(4), free_ports(1));
     let mut pg = Playground::start(cwd.path(), control, nbd);
     let ready = pg.wait_for("ready: ", Duration::from_secs(180));
     let uri = ready.trim_start_matches("ready: ").to_owned();

@@ -98,11 +98,34 @@ pub fn transport() -> String {
     std::env::var("QUIVER_TEST_TRANSPORT").unwrap_or_else(|_| "tcp".into())
 }
 
+/// `count` consecutive free loopback ports, below the kernel's ephemeral
+/// range (which starts at 32768 by default). A port the kernel handed out
+/// and we closed could go to any connection's source port before the server
+/// binds it; these never do. Each test process takes its own block of them
+/// (by its PID), and hands each port out once, so a killed server's port
+/// is still its own when it restarts.
+pub fn free_ports(count: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 16_000;
+    const BLOCK: u16 = 128;
+    const BLOCKS: u32 = (32_768 - FIRST as u32) / BLOCK as u32;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let block = FIRST + (std::process::id() % BLOCKS) as u16 * BLOCK;
+    loop {
+        let offset = NEXT.fetch_add(count, Ordering::Relaxed);
+        assert!(
+            offset + count <= BLOCK,
+            "this test process used all {BLOCK} of its ports"
+        );
+        let base = block + offset;
+        if (0..count).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+}
+
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], free_ports(1)))
 }
 
 /// Writes each server's configuration and starts it.
