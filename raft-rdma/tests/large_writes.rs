@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{tcp_worker_config, three_chunkservers};
+use common::{create_copyset, tcp_worker_config, three_chunkservers};
 use quiver_raft::chunk_client::ChunkClient;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,12 +16,7 @@ async fn a_hundred_and_twenty_eight_large_writes_at_once_all_land() {
     let root = tempfile::tempdir().unwrap();
     let (servers, addrs) = three_chunkservers(root.path()).await;
     let admin = ChunkClient::start(tcp_worker_config()).unwrap();
-    let peers: BTreeMap<u64, String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (i as u64 + 1, a.to_string()))
-        .collect();
-    admin.create_copyset(1, &peers).await.unwrap();
+    create_copyset(&admin, 1, &addrs).await;
     admin
         .write(&addrs, 1, 100, 0, 0, &[1u8; 4096])
         .await

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::{tcp_worker_config, three_chunkservers};
+use common::{create_copyset, tcp_worker_config, three_chunkservers};
 use quiver_raft::chunk_client::{ChunkClient, ClientError};
 use quiver_raft::service::ChunkError;
 
@@ -24,12 +23,7 @@ async fn many_reads_at_once_come_back_right_beside_writes_and_bad_reads() {
     let root = tempfile::tempdir().unwrap();
     let (servers, addrs) = three_chunkservers(root.path()).await;
     let client = Arc::new(ChunkClient::start(tcp_worker_config()).unwrap());
-    let peers: BTreeMap<u64, String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (i as u64 + 1, a.to_string()))
-        .collect();
-    client.create_copyset(1, &peers).await.unwrap();
+    create_copyset(&client, 1, &addrs).await;
     for p in 0..PAGES {
         client
             .write(&addrs, 1, 7, p * 4096, 0, &page(p, 1))

@@ -175,3 +175,17 @@ pub async fn three_chunkservers(
     let addrs = servers.iter().map(|s| s.addr()).collect();
     (servers, addrs)
 }
+
+/// Creates copyset `id` with `addrs` as its members, nodes 1, 2, ... in order.
+pub async fn create_copyset(
+    client: &quiver_raft::chunk_client::ChunkClient,
+    id: u32,
+    addrs: &[std::net::SocketAddr],
+) {
+    let peers: std::collections::BTreeMap<u64, String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (i as u64 + 1, a.to_string()))
+        .collect();
+    client.create_copyset(id, &peers).await.unwrap();
+}
